@@ -1,0 +1,300 @@
+"""``MoEConfig``: every knob of an MoE layer, validated, with paper presets.
+
+Field names follow transformers' DeepSeek configs where one exists
+(``n_routed_experts``, ``num_experts_per_tok``, ``n_group``, ``topk_group``,
+``routed_scaling_factor``, ``norm_topk_prob``), so ``from_hf_config`` is a
+rename, not a translation. The formulas behind each option are in
+docs/routing.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "device_limited", "node_limited")
+ACTIVATIONS = ("swiglu", "gelu")
+LOSS_SCOPES = ("sequence", "batch")
+DROP_POLICIES = ("affinity", "position")
+EXPERT_BACKENDS = ("auto", "triton", "torch", "loop")
+_ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one MoE layer.
+
+    Shape:
+        hidden_size: model width H.
+        moe_intermediate_size: intermediate width I of one routed expert
+            (fine-grained experts: the dense FFN width divided by m).
+        n_routed_experts: N_r, routed experts in the layer.
+        n_shared_experts: N_s, always-active experts, run as one FFN of width
+            ``n_shared_experts * shared_intermediate_size``.
+        shared_intermediate_size: width of one shared expert (default: I).
+        num_experts_per_tok: K_r, routed experts per token.
+        activation: ``swiglu`` (DeepSeek: w2(silu(w1 x) * w3 x)) or ``gelu``
+            (classic MoE: w2(gelu(w1 x))).
+
+    Routing:
+        scoring_func: ``softmax`` (DeepSeekMoE, V2, Switch, GShard) or
+            ``sigmoid`` (V3).
+        topk_method: ``greedy`` (plain top-K), ``device_limited`` (V2: groups
+            ranked by their best expert) or ``node_limited`` (V3: groups ranked
+            by the sum of their top K_r/M biased scores).
+        n_group: routing groups (devices for V2, nodes for V3); contiguous
+            blocks of expert ids.
+        topk_group: M, groups a token may reach.
+        norm_topk_prob: divide the selected gate values by their sum.
+        routed_scaling_factor: multiply gate values by this (V2 16.0, V3 2.5).
+        router_dtype: dtype of the router matmul and scores (fp32 default).
+        router_jitter: multiplicative input noise ``U(1-eps, 1+eps)`` in
+            training (Switch); 0 disables it.
+
+    Balancing:
+        aux_free_bias: keep a V3 selection bias b (a buffer, never a gradient).
+        bias_update_rate: gamma of ``b += gamma * sign(mean(load) - load)``.
+        expert_balance_coef: alpha_1, DeepSeekMoE/V2 expert-level loss.
+        device_balance_coef: alpha_2, device-level loss over D device groups.
+        comm_balance_coef: alpha_3, V2 communication loss.
+        seq_balance_coef: alpha, V3 complementary sequence-wise loss.
+        switch_coef: alpha of the Switch/GShard top-1 loss.
+        z_loss_coef: router z-loss (ST-MoE) coefficient.
+        loss_scope: ``sequence`` (the papers' T = tokens of one sequence) or
+            ``batch`` (T = every token of the global batch); the V3
+            sequence-wise loss is always per sequence.
+        device_groups: D for the device-level loss, communication loss and
+            device-level dropping; default: the expert-parallel size when the
+            layer is sharded, else ``n_group``.
+
+    Dropping (training only unless ``eval_capacity_factor`` is set):
+        expert_capacity_factor: per-expert capacity
+            ``ceil(cf * T * K_r / N_r)`` (GShard/Switch); None: no limit.
+        device_capacity_factor: V2 per-device budget
+            ``ceil(cf * T * K_r / D)`` pairs; None: no limit.
+        drop_policy: ``affinity`` drops the lowest-affinity pairs first (V2,
+            V-MoE); ``position`` drops the latest pairs, all first choices
+            ahead of any second choice (GShard).
+        protected_seq_frac: fraction of sequences never dropped (V2: 0.1).
+        eval_capacity_factor: capacity factor applied to both limits in eval;
+            None means no dropping in eval (V2).
+
+    Checks:
+        check_finite: raise on non-finite input (one host sync per forward).
+        expert_backend: ``auto`` (Triton on CUDA, torch grouped mm on CPU,
+            loop last), or force ``triton``, ``torch`` or ``loop``.
+    """
+
+    hidden_size: int = 64
+    moe_intermediate_size: int = 32
+    n_routed_experts: int = 8
+    n_shared_experts: int = 0
+    shared_intermediate_size: Optional[int] = None
+    num_experts_per_tok: int = 2
+    activation: str = "swiglu"
+
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    router_dtype: str = "float32"
+    router_jitter: float = 0.0
+
+    aux_free_bias: bool = False
+    bias_update_rate: float = 1e-3
+    expert_balance_coef: float = 0.0
+    device_balance_coef: float = 0.0
+    comm_balance_coef: float = 0.0
+    seq_balance_coef: float = 0.0
+    switch_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    loss_scope: str = "sequence"
+    device_groups: Optional[int] = None
+
+    expert_capacity_factor: Optional[float] = None
+    device_capacity_factor: Optional[float] = None
+    drop_policy: str = "affinity"
+    protected_seq_frac: float = 0.0
+    eval_capacity_factor: Optional[float] = None
+
+    check_finite: bool = False
+    expert_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"MoEConfig.{field}: {why}")
+
+        for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
+        need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+             "n_shared_experts", f"must be a non-negative int, got {self.n_shared_experts!r}")
+        if self.shared_intermediate_size is not None:
+            need(self.shared_intermediate_size > 0, "shared_intermediate_size", "must be positive")
+        need(self.activation in ACTIVATIONS, "activation", f"unknown {self.activation!r}; choose from {ACTIVATIONS}")
+        need(self.scoring_func in SCORING_FUNCS, "scoring_func",
+             f"unknown {self.scoring_func!r}; choose from {SCORING_FUNCS}")
+        need(self.topk_method in TOPK_METHODS, "topk_method",
+             f"unknown {self.topk_method!r}; choose from {TOPK_METHODS}")
+        need(self.router_dtype in _ROUTER_DTYPES, "router_dtype",
+             f"unknown {self.router_dtype!r}; choose from {tuple(_ROUTER_DTYPES)}")
+        need(self.loss_scope in LOSS_SCOPES, "loss_scope", f"unknown {self.loss_scope!r}; choose from {LOSS_SCOPES}")
+        need(self.drop_policy in DROP_POLICIES, "drop_policy",
+             f"unknown {self.drop_policy!r}; choose from {DROP_POLICIES}")
+        need(self.expert_backend in EXPERT_BACKENDS, "expert_backend",
+             f"unknown {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
+
+        E, K = self.n_routed_experts, self.num_experts_per_tok
+        need(K <= E, "num_experts_per_tok", f"top-k {K} exceeds n_routed_experts {E}")
+        need(E % self.n_group == 0, "n_routed_experts",
+             f"{E} experts are not divisible into n_group={self.n_group} groups")
+        need(self.topk_group <= self.n_group, "topk_group",
+             f"topk_group {self.topk_group} exceeds n_group {self.n_group}")
+        if self.topk_method != "greedy":
+            reachable = self.topk_group * (E // self.n_group)
+            need(K <= reachable, "num_experts_per_tok",
+                 f"top-k {K} exceeds the {reachable} experts reachable in topk_group={self.topk_group} "
+                 f"of n_group={self.n_group} groups")
+        if self.topk_method == "node_limited":
+            need(K >= self.topk_group, "num_experts_per_tok",
+                 f"node-limited scoring sums the top K/M = {K}//{self.topk_group} scores per group, "
+                 f"which is 0 when num_experts_per_tok < topk_group")
+        if self.device_groups is not None:
+            need(isinstance(self.device_groups, int) and self.device_groups > 0, "device_groups",
+                 f"must be a positive int, got {self.device_groups!r}")
+            need(E % self.device_groups == 0, "device_groups",
+                 f"{E} experts are not divisible into device_groups={self.device_groups}")
+
+        for name in ("bias_update_rate", "expert_balance_coef", "device_balance_coef", "comm_balance_coef",
+                     "seq_balance_coef", "switch_coef", "z_loss_coef", "router_jitter"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
+                 f"must be a finite non-negative number, got {value!r}")
+        need(self.router_jitter < 1, "router_jitter", "must be below 1")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
+        for name in ("expert_capacity_factor", "device_capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None:
+                need(value > 0 and math.isfinite(value), name, f"must be positive or None, got {value!r}")
+        need(0.0 <= self.protected_seq_frac <= 1.0, "protected_seq_frac",
+             f"must lie in [0, 1], got {self.protected_seq_frac!r}")
+
+    # --------------------------------------------------------------- derived
+    @property
+    def torch_router_dtype(self) -> torch.dtype:
+        return _ROUTER_DTYPES[self.router_dtype]
+
+    @property
+    def shared_width(self) -> int:
+        """Total intermediate width of the fused shared-expert FFN."""
+        return self.n_shared_experts * (self.shared_intermediate_size or self.moe_intermediate_size)
+
+    @property
+    def drops_tokens(self) -> bool:
+        return self.expert_capacity_factor is not None or self.device_capacity_factor is not None
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MoEConfig":
+        """A paper configuration, optionally scaled down through ``overrides``.
+
+        Known names: ``switch``, ``gshard``, ``deepseek-moe-16b``,
+        ``deepseek-v2``, ``deepseek-v2-lite``, ``deepseek-v3``. Values and
+        sources are listed in docs/routing.md.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"MoEConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MoEConfig.preset: unknown field(s) {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> "MoEConfig":
+        """Read a transformers ``DeepseekV2Config`` or ``DeepseekV3Config``.
+
+        V2 ``greedy`` maps to ``greedy``, ``group_limited_greedy`` to
+        ``device_limited``; V3 (``noaux_tc`` or a V3 config) to
+        ``node_limited`` with sigmoid scores and the selection bias.
+        """
+        model_type = getattr(hf_config, "model_type", "")
+        n_routed = getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", None)
+        if n_routed is None:
+            raise ValueError(f"from_hf_config: {type(hf_config).__name__} has no n_routed_experts")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"from_hf_config: hidden_act {hf_config.hidden_act!r} is not supported (silu only)")
+        fields = dict(
+            hidden_size=hf_config.hidden_size,
+            moe_intermediate_size=hf_config.moe_intermediate_size,
+            n_routed_experts=n_routed,
+            n_shared_experts=hf_config.n_shared_experts or 0,
+            num_experts_per_tok=hf_config.num_experts_per_tok,
+            routed_scaling_factor=float(hf_config.routed_scaling_factor),
+            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+            n_group=getattr(hf_config, "n_group", None) or 1,
+            topk_group=getattr(hf_config, "topk_group", None) or 1,
+        )
+        topk_method = getattr(hf_config, "topk_method", None)
+        if model_type == "deepseek_v3" or topk_method == "noaux_tc":
+            fields.update(scoring_func="sigmoid", topk_method="node_limited", aux_free_bias=True)
+        elif topk_method == "group_limited_greedy":
+            fields.update(scoring_func="softmax", topk_method="device_limited")
+        elif topk_method in (None, "greedy"):
+            fields.update(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)
+        else:
+            raise ValueError(f"from_hf_config: unknown topk_method {topk_method!r}")
+        return cls(**{**fields, **overrides})
+
+
+# Values from the papers and official configs; see
+# ../shared/reference/deepseek-moe-algorithms.md and docs/routing.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Switch Transformer: top-1 softmax, aux loss alpha 1e-2, capacity 1.25.
+    "switch": dict(hidden_size=768, moe_intermediate_size=3072, n_routed_experts=128, num_experts_per_tok=1,
+                   activation="gelu", scoring_func="softmax", switch_coef=1e-2, loss_scope="batch",
+                   expert_capacity_factor=1.25, drop_policy="position", router_jitter=1e-2),
+    # GShard: top-2 softmax, gates renormalised over the two, capacity 1.25 (2.0 in eval).
+    "gshard": dict(hidden_size=1024, moe_intermediate_size=8192, n_routed_experts=128, num_experts_per_tok=2,
+                   activation="gelu", scoring_func="softmax", norm_topk_prob=True, switch_coef=1e-2,
+                   loss_scope="batch", expert_capacity_factor=1.25, eval_capacity_factor=2.0,
+                   drop_policy="position"),
+    # DeepSeekMoE 16B: 2 shared + 64 routed (6 active), 0.25x FFN experts, alpha_1 = 0.001.
+    "deepseek-moe-16b": dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64,
+                             n_shared_experts=2, num_experts_per_tok=6, scoring_func="softmax",
+                             expert_balance_coef=1e-3),
+    # DeepSeek-V2: 2 shared + 160 routed (6 active), D=8, M=3, scale 16, alphas 0.003/0.05/0.02,
+    # device-level dropping at capacity 1.0 with ~10% of sequences protected.
+    "deepseek-v2": dict(hidden_size=5120, moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=2,
+                        num_experts_per_tok=6, scoring_func="softmax", topk_method="device_limited", n_group=8,
+                        topk_group=3, routed_scaling_factor=16.0, expert_balance_coef=3e-3,
+                        device_balance_coef=5e-2, comm_balance_coef=2e-2, device_capacity_factor=1.0,
+                        protected_seq_frac=0.1),
+    # DeepSeek-V2-Lite: 2 shared + 64 routed (6 active), greedy, alpha_1 = 0.001.
+    "deepseek-v2-lite": dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64,
+                             n_shared_experts=2, num_experts_per_tok=6, scoring_func="softmax",
+                             expert_balance_coef=1e-3),
+    # DeepSeek-V3: 1 shared + 256 routed (8 active), sigmoid, 8 groups, 4 kept, scale 2.5,
+    # aux-free bias (gamma 1e-3) and sequence-wise loss alpha 1e-4, no dropping.
+    "deepseek-v3": dict(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+                        num_experts_per_tok=8, scoring_func="sigmoid", topk_method="node_limited", n_group=8,
+                        topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, aux_free_bias=True,
+                        bias_update_rate=1e-3, seq_balance_coef=1e-4),
+}

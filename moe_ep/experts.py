@@ -1,0 +1,75 @@
+"""Expert FFNs: stacked routed experts and the always-active shared experts.
+
+Routed experts are two stacked parameters (never a ModuleList of Linears):
+
+    w_in  [E, H, J]   J = 2I for SwiGLU (first I columns gate, next I up), I for GELU
+    w_out [E, I, H]
+
+    SwiGLU: y = (silu(x w_gate) * (x w_up)) w_out      (DeepSeek)
+    GELU:   y = gelu(x w_in) w_out                      (classic MoE)
+
+The layout is [E, in, out] so a projection is ``x @ w[e]``; transformers
+stores [E, out, in] (see ``moe_ep.interop``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .expert_backend import grouped_matmul
+
+
+def activate(h_RJ: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU on ``[gate | up]`` halves, or GELU."""
+    if activation == "swiglu":
+        gate, up = h_RJ.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_RJ)
+
+
+class RoutedExperts(nn.Module):
+    """``num_local_experts`` experts of width I, applied to expert-sorted rows."""
+
+    def __init__(self, config: MoEConfig, num_local_experts: int):
+        super().__init__()
+        H, I = config.hidden_size, config.moe_intermediate_size
+        J = 2 * I if config.activation == "swiglu" else I
+        self.activation = config.activation
+        self.backend = config.expert_backend
+        self.num_local_experts = num_local_experts
+        self.w_in = nn.Parameter(torch.empty(num_local_experts, H, J))
+        self.w_out = nn.Parameter(torch.empty(num_local_experts, I, H))
+        nn.init.normal_(self.w_in, std=H ** -0.5)
+        nn.init.normal_(self.w_out, std=I ** -0.5)
+
+    def forward(self, x_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x_RH`` sorted by local expert, ``counts_E`` rows each -> ``[R, H]``."""
+        w_in = self.w_in.to(x_RH.dtype)
+        w_out = self.w_out.to(x_RH.dtype)
+        h_RJ = grouped_matmul(x_RH, w_in, counts_E, self.backend)
+        return grouped_matmul(activate(h_RJ, self.activation), w_out, counts_E, self.backend)
+
+
+class SharedExperts(nn.Module):
+    """N_s shared experts fused into one dense FFN of width N_s * I_shared.
+
+    Parameter names follow transformers' ``DeepseekV2MLP`` (``gate_proj``,
+    ``up_proj``, ``down_proj``); GELU has no ``gate_proj``.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        H, W = config.hidden_size, config.shared_width
+        self.activation = config.activation
+        self.gate_proj = nn.Linear(H, W, bias=False) if config.activation == "swiglu" else None
+        self.up_proj = nn.Linear(H, W, bias=False)
+        self.down_proj = nn.Linear(W, H, bias=False)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            h = F.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH)
+        else:
+            h = F.gelu(self.up_proj(x_TH))
+        return self.down_proj(h)

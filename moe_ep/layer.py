@@ -1,0 +1,182 @@
+"""``MoELayer``: router -> dropping -> dispatch -> experts -> combine, plus shared experts.
+
+    y_t = sum_{i=1..N_s} FFN^(s)_i(u_t) + sum_{kept (t, i)} g_{i,t} FFN^(r)_i(u_t)
+
+The residual ``u_t`` is added by the surrounding block (as in transformers'
+DeepSeek models). After each forward, ``layer.aux_loss`` holds the sum of the
+enabled balance losses (a scalar with gradient, or a zero tensor) and
+``layer.last_stats`` the global routing statistics. docs/design.md has the
+data flow.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .balance import RoutingStats, aux_loss, global_counts, routing_stats
+from .config import MoEConfig
+from .dispatch import LocalDispatcher
+from .dropping import DropRule, PairKeys, protected_sequences
+from .experts import RoutedExperts, SharedExperts
+from .parallel.state import ParallelState
+from .router import Router
+
+
+def _resolve_devices(config: MoEConfig, parallel: ParallelState) -> int:
+    """D of the device-level losses and dropping (the EP size when sharded)."""
+    if parallel.ep_size == 1:
+        return config.device_groups or config.n_group
+    if config.device_groups not in (None, parallel.ep_size):
+        raise ValueError(f"MoEConfig.device_groups={config.device_groups} must equal ep_size={parallel.ep_size} "
+                         f"when experts are sharded (a device group is a device)")
+    return parallel.ep_size
+
+
+def _check_placement(config: MoEConfig, parallel: ParallelState) -> None:
+    E, ep = config.n_routed_experts, parallel.ep_size
+    if E % ep:
+        raise ValueError(f"MoEConfig.n_routed_experts={E} is not divisible by ep_size={ep}")
+    if config.topk_method != "greedy" and config.n_group % ep and ep % config.n_group:
+        raise ValueError(f"MoEConfig.n_group={config.n_group} and ep_size={ep}: one must divide the other, "
+                         f"or a routing group is not a set of whole devices")
+    if config.topk_method == "node_limited" and parallel.nodes > 1 and config.n_group != parallel.nodes:
+        raise ValueError(f"MoEConfig.n_group={config.n_group} must equal the {parallel.nodes} nodes of the "
+                         f"expert-parallel group for node-limited routing")
+
+
+class MoELayer(nn.Module):
+    """A DeepSeek-family MoE FFN; pass ``parallel`` to hold only this rank's experts."""
+
+    def __init__(self, config: MoEConfig, parallel: Optional[ParallelState] = None):
+        super().__init__()
+        parallel = parallel or ParallelState()
+        _check_placement(config, parallel)
+        self.config = config
+        self.parallel = parallel
+        self.n_devices = _resolve_devices(config, parallel)
+        E, K = config.n_routed_experts, config.num_experts_per_tok
+        if config.topk_method == "greedy":
+            self.device_limit = min(K, self.n_devices)
+        else:
+            per_group = max(1, self.n_devices // config.n_group)
+            self.device_limit = min(K, self.n_devices, config.topk_group * per_group)
+        self.router = Router(config)
+        self.experts = RoutedExperts(config, E // parallel.ep_size)
+        self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
+        if parallel.ep_size > 1:
+            from .dispatch.all_to_all import AllToAllDispatcher
+            self.dispatcher = AllToAllDispatcher(parallel, E)
+        else:
+            self.dispatcher = LocalDispatcher()
+        self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_stats: Optional[RoutingStats] = None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() == 0 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"MoELayer: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
+        if cfg.check_finite and not torch.isfinite(x).all():
+            raise ValueError("MoELayer: input contains NaN or Inf (check_finite=True)")
+        x_TH = x.reshape(-1, cfg.hidden_size)
+        T = x_TH.shape[0]
+        seq_len = x.shape[-2] if x.dim() >= 3 else T
+        n_seq = T // seq_len if seq_len else 0
+        seq_id_T = torch.arange(T, device=x.device) // max(seq_len, 1)
+
+        routing = self.router(x_TH)
+        rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
+        overlap = (lambda: self.shared_experts(x_TH)) if self.shared_experts is not None else None
+        result = self.dispatcher(x_TH, routing.topk_idx_TK, routing.topk_weight_TK, keys, rule,
+                                 self.experts, overlap)
+        y_TH = result.y_TH if result.overlap_out is None else result.y_TH + result.overlap_out
+
+        counts = global_counts(routing, result.keep_TK, n_seq, self.n_devices, self.parallel)
+        loss = aux_loss(routing, seq_id_T, n_seq, counts, cfg, self.n_devices, self.device_limit, self.parallel)
+        self.aux_loss = loss if loss is not None else y_TH.new_zeros((), dtype=torch.float32)
+        self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)
+        if self.training:
+            self.load_accum += counts.load_E
+            if rule is not None:
+                self.drop_step += 1
+        return y_TH.view(x.shape)
+
+    def _capacity_factors(self) -> tuple[Optional[float], Optional[float]]:
+        """(expert, device) capacity factors in force, None where unlimited."""
+        cfg = self.config
+        if self.training:
+            return cfg.expert_capacity_factor, cfg.device_capacity_factor
+        if cfg.eval_capacity_factor is None:
+            return None, None
+        return (cfg.eval_capacity_factor if cfg.expert_capacity_factor is not None else None,
+                cfg.eval_capacity_factor if cfg.device_capacity_factor is not None else None)
+
+    def _drop_plan(self, routing, seq_id_T: torch.Tensor, T: int,
+                   n_seq: int) -> tuple[Optional[DropRule], Optional[PairKeys]]:
+        """The capacity rule of this forward and the ranking keys of this rank's pairs.
+
+        Token and sequence ids are made global to the EP group (the scope of
+        the capacities) from one all-gather of every rank's (T, sequences).
+        """
+        cfg = self.config
+        expert_cf, device_cf = self._capacity_factors()
+        if expert_cf is None and device_cf is None:
+            return None, None
+        device = seq_id_T.device
+        K = cfg.num_experts_per_tok
+        scope_R2 = self.parallel.all_gather_ep(torch.tensor([T, n_seq], device=device))
+        rank = self.parallel.ep_rank
+        token_offset, seq_offset = scope_R2[:rank, 0].sum(), scope_R2[:rank, 1].sum()
+        n_tokens, n_seq_total = (int(v) for v in scope_R2.sum(0))
+        rule = DropRule(n_tokens=n_tokens, top_k=K, n_experts=cfg.n_routed_experts, n_devices=self.n_devices,
+                        expert_cf=expert_cf, device_cf=device_cf, policy=cfg.drop_policy)
+        if self.training:
+            protected_T = protected_sequences(seq_id_T + seq_offset, n_seq_total, cfg.protected_seq_frac,
+                                              int(self.drop_step))
+        else:
+            protected_T = torch.zeros(T, dtype=torch.bool, device=device)
+        keys = PairKeys(
+            expert_P=routing.topk_idx_TK.flatten(),
+            affinity_P=routing.scores_TE.detach().gather(1, routing.topk_idx_TK).flatten(),
+            protected_P=protected_T.repeat_interleave(K),
+            token_P=(torch.arange(T, device=device) + token_offset).repeat_interleave(K),
+            slot_P=torch.arange(K, device=device).repeat(T),
+        )
+        return rule, keys
+
+    # -------------------------------------------------------------- balancing
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """V3 aux-free step from the loads routed since the last call.
+
+        Call once per optimizer step. Loads are already global (all-reduced
+        over every rank in forward), so every rank applies the same update
+        and the bias stays bitwise identical.
+        """
+        if self.config.aux_free_bias:
+            self.router.update_bias(self.load_accum)
+        self.load_accum.zero_()
+
+    # ------------------------------------------------------------ checkpoints
+    def full_state_dict(self) -> dict:
+        """Unsharded state dict with global expert indices (collective over the EP group).
+
+        Keys and shapes equal those of the single-process layer's ``state_dict()``.
+        """
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name.startswith("experts."):
+                gathered = self.parallel.all_gather_ep(tensor)
+                tensor = gathered.reshape(-1, *tensor.shape[1:])
+            out[name] = tensor.detach().clone()
+        return out
+
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Load an unsharded state dict; each rank keeps its own expert shard."""
+        first, last = self.parallel.expert_range(self.config.n_routed_experts)
+        local = {name: (t[first:last] if name.startswith("experts.") else t) for name, t in state_dict.items()}
+        self.load_state_dict(local)

@@ -1,0 +1,100 @@
+"""Process groups of expert parallelism: world = data-parallel x expert-parallel.
+
+The ranks form a ``DeviceMesh`` of shape ``(dp, ep)``: one row is an
+expert-parallel group (consecutive ranks, the D devices of the papers), one
+column an expert-data-parallel group (ranks holding the same expert shard).
+Experts are placed contiguously: expert e lives on EP rank ``e // (E / ep)``,
+so a routing group is exactly a device (or a node) and "at most M devices"
+bounds real traffic.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    """Sizes, ranks and groups of one process; ``ParallelState()`` is single-process.
+
+    ep_group: the expert-parallel group (``ep_size`` ranks).
+    edp_group: the expert-data-parallel group (``dp_size`` ranks, same shard).
+    world_group: every rank (``dp_size * ep_size``).
+    nodes: nodes one EP group spans (node-limited routing groups).
+    """
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    nodes: int = 1
+    ep_group: Optional[dist.ProcessGroup] = None
+    edp_group: Optional[dist.ProcessGroup] = None
+    world_group: Optional[dist.ProcessGroup] = None
+    mesh: Optional[object] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.ep_size * self.dp_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def expert_range(self, n_experts: int) -> tuple[int, int]:
+        """Global ids ``[first, last)`` of this rank's experts (contiguous placement)."""
+        per_rank = n_experts // self.ep_size
+        return self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank
+
+    def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce over every rank (no-op on one process)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.world_group)
+        return tensor
+
+    def all_gather_ep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[ep_size, *shape]``: every EP rank's ``tensor`` (same shape on all)."""
+        if self.ep_size == 1:
+            return tensor.unsqueeze(0)
+        out = tensor.new_empty(self.ep_size, *tensor.shape)
+        dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.ep_group)
+        return out
+
+
+def _default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None) -> ParallelState:
+    """Build the (dp, ep) mesh on the default process group.
+
+    Initialises the default group from the torchrun environment when absent
+    (NCCL with CUDA, gloo without). ``ep_size`` defaults to the world size.
+    ``nodes`` (nodes spanned by one EP group, for node-limited routing)
+    defaults to ``ep_size / LOCAL_WORLD_SIZE`` when the EP group is larger
+    than one node, else 1; pass it to emulate nodes on one machine.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group(backend=_default_backend())
+    world = dist.get_world_size()
+    ep_size = world if ep_size is None else ep_size
+    if ep_size < 1 or world % ep_size != 0:
+        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
+    if nodes is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = max(1, ep_size // local) if ep_size > local else 1
+    if nodes < 1 or ep_size % nodes != 0:
+        raise ValueError(f"init_expert_parallel: nodes={nodes} does not divide ep_size={ep_size}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if _default_backend() == "nccl" else "cpu"
+    dp_size = world // ep_size
+    mesh = init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"))
+    rank = dist.get_rank()
+    return ParallelState(ep_size=ep_size, ep_rank=rank % ep_size, dp_size=dp_size, dp_rank=rank // ep_size,
+                         nodes=nodes, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),
+                         world_group=dist.group.WORLD, mesh=mesh)
