@@ -128,7 +128,7 @@ class MoELayer(nn.Module):
             return None, None
         device = seq_id_T.device
         K = cfg.num_experts_per_tok
-        scope_R2 = self.parallel.all_gather_ep(torch.tensor([T, n_seq], device=device))
+        scope_R2 = self.parallel.all_gather_ep(torch.tensor([[T, n_seq]], device=device))
         rank = self.parallel.ep_rank
         token_offset, seq_offset = scope_R2[:rank, 0].sum(), scope_R2[:rank, 1].sum()
         n_tokens, n_seq_total = (int(v) for v in scope_R2.sum(0))
@@ -170,8 +170,7 @@ class MoELayer(nn.Module):
         out = {}
         for name, tensor in self.state_dict().items():
             if name.startswith("experts."):
-                gathered = self.parallel.all_gather_ep(tensor)
-                tensor = gathered.reshape(-1, *tensor.shape[1:])
+                tensor = self.parallel.all_gather_ep(tensor)
             out[name] = tensor.detach().clone()
         return out
 

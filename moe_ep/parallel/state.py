@@ -57,11 +57,11 @@ class ParallelState:
         return tensor
 
     def all_gather_ep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``[ep_size, *shape]``: every EP rank's ``tensor`` (same shape on all)."""
+        """Every EP rank's ``tensor`` (same shape on all), concatenated along dim 0."""
         if self.ep_size == 1:
-            return tensor.unsqueeze(0)
-        out = tensor.new_empty(self.ep_size, *tensor.shape)
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.ep_group)
+            return tensor.clone()
+        out = tensor.new_empty(self.ep_size * tensor.shape[0], *tensor.shape[1:])
+        dist.all_gather_single(out, tensor.contiguous(), group=self.ep_group)
         return out
 
 
