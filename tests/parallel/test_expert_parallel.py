@@ -10,7 +10,7 @@ import pytest
 from . import workers
 
 from .equivalence import run_cases
-from .launcher import run_on_ranks
+from moe_ep.parallel.spawn import run_on_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -112,3 +112,10 @@ def test_traffic_device_limited():
         # one row per (token, destination): never more rows than tokens x M, never fewer than tokens
         assert 64 <= stats["rows_sent"] <= 64 * M
     assert results[0]["rows_sent_total"] == results[0]["rows_received_total"]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_low_precision_dispatch(dtype_name):
+    """Rows travel in the experts' dtype; results match the single-process layer to that precision."""
+    errors = run_on_ranks(workers.low_precision_forward, 2, V2_DEVICE_LIMITED, dtype_name, timeout=120)
+    assert max(errors) < 2e-2

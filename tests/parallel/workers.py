@@ -67,3 +67,21 @@ def traffic(rank: int, world: int, config: dict) -> dict:
     dist.all_reduce(received)
     stats["rows_received_total"] = received.item()
     return stats
+
+
+def low_precision_forward(rank: int, world: int, config: dict, dtype_name: str) -> float:
+    """Relative output error of a sharded layer in ``dtype`` against the single-process one."""
+    dtype = getattr(torch, dtype_name)
+    cfg = MoEConfig(**config)
+    state = moe_ep.init_expert_parallel(ep_size=world)
+    torch.manual_seed(11)
+    ref = MoELayer(cfg).to(dtype)
+    layer = MoELayer(cfg, parallel=state).to(dtype)
+    layer.load_full_state_dict(ref.state_dict())
+    x_full = torch.randn(2 * world, 8, cfg.hidden_size).to(dtype)
+    x_r = x_full[2 * rank:2 * rank + 2].clone().requires_grad_()
+    y_r = layer(x_r)
+    y_r.float().square().sum().backward()
+    assert y_r.dtype == dtype and x_r.grad.dtype == dtype
+    expected = ref(x_full)[2 * rank:2 * rank + 2]
+    return ((y_r.float() - expected.float()).abs().max() / expected.float().abs().max()).item()

@@ -1,10 +1,11 @@
-"""Run a test function on N gloo processes with a hard timeout.
+"""Run a function on N local processes in one gloo group, with a hard timeout.
 
-``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that
+Used by the test suite and the benchmarks to run expert parallelism on one
+CPU machine without torchrun. ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that
 join one gloo group (TCP store on a free loopback port), calls
 ``fn(rank, world_size, *args)`` in each, and returns the per-rank results.
-A rank that raises or dies fails the test with its traceback; a hang is
-killed after ``timeout`` seconds and fails the test.
+A rank that raises or dies raises ``AssertionError`` with its traceback; a
+hang is killed after ``timeout`` seconds and raises too.
 """
 from __future__ import annotations
 
@@ -78,5 +79,5 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 180.0, env: dict |
             if p.is_alive():
                 p.kill()
     if errors:
-        raise AssertionError("distributed test failed\n" + "\n".join(errors))
+        raise AssertionError("distributed run failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
