@@ -235,6 +235,9 @@ class MoEConfig:
         ``device_limited``; V3 (``noaux_tc`` or a V3 config) to
         ``node_limited`` with sigmoid scores and the selection bias.
         """
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MoEConfig.from_hf_config: unknown field(s) {sorted(unknown)}")
         model_type = getattr(hf_config, "model_type", "")
         n_routed = getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", None)
         if n_routed is None:

@@ -91,4 +91,6 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
         L = sum_t (log sum_i exp(x_{i,t}))^2
     """
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum()
+    # At least fp32 (bf16 logits are upcast; fp64 logits keep their precision).
+    logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    return torch.logsumexp(logits_TE, dim=-1).square().sum()
