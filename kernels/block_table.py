@@ -7,7 +7,7 @@ token count. The entries are untuned starting points for Hopper-class GPUs: they
 follow the usual shape of grouped-GEMM configs (small BLOCK_M when experts get
 few rows, wider tiles when they get many) and have not been measured here.
 """
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
@@ -15,7 +15,7 @@ _MIN_BLOCK = 16  # smallest tile edge tl.dot accepts on NVIDIA GPUs
 _MAX_BUCKET = 4096
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Tile edges (powers of two, >= 16) and launch options of one kernel launch."""
 
@@ -48,14 +48,17 @@ def tokens_bucket(num_rows: int, num_experts: int) -> int:
     return min(_MAX_BUCKET, max(_MIN_BLOCK, _next_pow2(mean_rows)))
 
 
-def choose_config(bucket: int, k: int, n: int, dtype: torch.dtype, accumulators: int = 1) -> BlockConfig:
-    """Config for a [rows, k] x [k, n] expert GEMM whose mean rows-per-expert fall in ``bucket``.
+def choose_config(num_rows: int, num_experts: int, k: int, n: int, dtype: torch.dtype,
+                  accumulators: int = 1) -> BlockConfig:
+    """Config for ``num_experts`` GEMMs [rows_e, k] x [k, n] with ``num_rows`` rows in all.
 
+    The table row is picked by ``tokens_bucket(num_rows, num_experts)`` and dtype.
     ``accumulators=2`` (the fused SwiGLU up-projection keeps a gate and an up tile)
     halves BLOCK_N to keep register use level. Tile edges are clamped to the next
     power of two of ``k`` / ``n`` so tiny problems do not launch mostly-masked tiles;
     BLOCK_N = 256 is only used when ``n >= 2048``.
     """
+    bucket = tokens_bucket(num_rows, num_experts)
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     row = next(cfg for top, is16, cfg in _TABLE if is16 == sixteen_bit and bucket <= top)
     block_n = row.block_n if n >= 2048 else min(row.block_n, 128)
@@ -67,3 +70,15 @@ def choose_config(bucket: int, k: int, n: int, dtype: torch.dtype, accumulators:
         num_warps=row.num_warps,
         num_stages=row.num_stages,
     )
+
+
+def choose_weight_grad_config(num_rows: int, num_experts: int, k: int, n: int, dtype: torch.dtype) -> BlockConfig:
+    """Config for the per-expert weight gradient ``x_e^T [k, rows_e] @ dy_e [rows_e, n]``.
+
+    The same table row as :func:`choose_config` (output tile BLOCK_K x BLOCK_N), with
+    the rows reduced per step (BLOCK_M) capped at 64: its tiles are [BLOCK_K, BLOCK_M]
+    and [BLOCK_M, BLOCK_N], and at BLOCK_N = 256 a 128-row step would need 240 KB of
+    shared memory for three stages, more than an H100 block may use (227 KB).
+    """
+    config = choose_config(num_rows, num_experts, k, n, dtype)
+    return dataclasses.replace(config, block_m=min(config.block_m, 64))

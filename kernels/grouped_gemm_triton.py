@@ -49,7 +49,8 @@ def _grouped_gemm_kernel(
     b_expert = b_ptr + expert * stride_be
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
@@ -139,6 +140,8 @@ def launch_weight_grad(a, g, counts, out, config: BlockConfig):
 
     ``a [R, K]`` and ``g [R, N]`` are sorted by expert with ``counts [E]`` rows each;
     experts with no rows get exact zeros. Any strides are accepted for all three.
+    ``config.block_k`` x ``config.block_n`` is the output tile of one program and
+    ``config.block_m`` the number of rows it reduces per step.
     """
     num_experts, k, n = out.shape
     if out.numel() == 0:

@@ -1,0 +1,205 @@
+"""Train the moe_ep language model through a DeepSpeed engine (the same model, data and metrics as launch/train.py).
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/ds_train.py --deepspeed_config launch/ds_config.json \\
+        --steps 300 --out runs/ds-tiny [--ep-size 2]
+
+(``python -m torch.distributed.run --nproc_per_node 2 launch/ds_train.py ...`` works too.) The model is
+built on DeepSpeed's expert groups (``moe_ep.integrations.deepspeed``), its MoE layers are wrapped as
+``deepspeed.moe.layer.MoE`` and every optimizer step is ``engine.backward`` / ``engine.step`` followed by
+the MoE bias update. From the DeepSpeed config come the micro batch per rank
+(``train_micro_batch_size_per_gpu``), the peak learning rate, betas, eps and weight decay (AdamW params),
+the gradient clipping and the ZeRO stage (0, 1 or 2); the warmup + cosine schedule of the plain loop is
+applied by this script each step. Outputs in ``--out``: ``run.json``, ``metrics.jsonl`` (the fields of
+``moe_ep/training/metrics.py``), ``loss.png``, ``expert_load.png`` and, with ``--ckpt-every``, DeepSpeed
+checkpoints under ``ds_ckpt/`` (``--resume`` continues from the latest). docs/deepspeed.md has the details.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+    # The deepspeed launcher (unlike torchrun) leaves threads unset: share the cores between the local ranks,
+    # or the ranks oversubscribe the CPU and gloo collectives crawl.
+    local_procs = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from moe_ep.data import BatchSampler, load_corpus  # noqa: E402
+from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, grad_clip_plan, moe_layers,  # noqa: E402
+                                           optimizer_param_groups, train_step, wrap_moe_layers)
+from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM  # noqa: E402
+from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
+from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
+from moe_ep.training.optim import lr_at  # noqa: E402
+
+_DEFAULTS = TrainConfig()
+CKPT_DIR = "ds_ckpt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (default tiny)")
+    p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an MoEConfig field of the preset, e.g. --moe n_group=2 (repeatable)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
+    p.add_argument("--nodes", type=int, default=None, help="nodes one EP group spans (default: from the launcher)")
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps in total")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max)")
+    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio, help="final lr / peak lr")
+    p.add_argument("--warmup", type=int, default=_DEFAULTS.warmup_steps, help="linear warmup steps")
+    p.add_argument("--log-every", type=int, default=_DEFAULTS.log_every, help="steps between metrics records")
+    p.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
+    p.add_argument("--val-batches", type=int, default=_DEFAULTS.val_batches, help="validation batches per rank")
+    p.add_argument("--ckpt-every", type=int, default=_DEFAULTS.ckpt_every,
+                   help="steps between DeepSpeed checkpoints (OUT/ds_ckpt); 0: none (default)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ds_ckpt")
+    p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
+    p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
+    p.add_argument("--out", default="runs/ds-train", help="output folder (metrics, plots, checkpoints)")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if not args.deepspeed_config:
+        p.error("--deepspeed_config is required (e.g. launch/ds_config.json)")
+    return args
+
+
+def _moe_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--moe {item!r}: expected FIELD=VALUE")
+        try:
+            out[field] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[field] = raw
+    return out
+
+
+def train_config(args: argparse.Namespace, ds_config: dict, seq_len: int) -> TrainConfig:
+    """The plain loop's ``TrainConfig`` with the optimizer settings read from the DeepSpeed config."""
+    optimizer = ds_config.get("optimizer", {})
+    if optimizer.get("type", "").lower() not in ("adamw", "adam"):
+        raise SystemExit(f"{args.deepspeed_config}: optimizer.type must be AdamW (the plain loop's optimizer)")
+    params = optimizer.get("params", {})
+    if ds_config.get("gradient_accumulation_steps", 1) != 1:
+        raise SystemExit("gradient_accumulation_steps must be 1 (one batch per optimizer step, as the plain loop)")
+    if "train_micro_batch_size_per_gpu" not in ds_config:
+        raise SystemExit(f"{args.deepspeed_config}: set train_micro_batch_size_per_gpu (sequences per rank)")
+    betas = params.get("betas", (_DEFAULTS.beta1, _DEFAULTS.beta2))
+    clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
+    return TrainConfig(steps=args.steps, batch_size=int(ds_config["train_micro_batch_size_per_gpu"]),
+                       seq_len=seq_len, lr=float(params.get("lr", _DEFAULTS.lr)), min_lr_ratio=args.min_lr_ratio,
+                       warmup_steps=args.warmup, weight_decay=float(params.get("weight_decay", 0.0)),
+                       beta1=float(betas[0]), beta2=float(betas[1]), grad_clip=clip or None,
+                       log_every=args.log_every, val_every=args.val_every, ckpt_every=args.ckpt_every,
+                       val_batches=args.val_batches, seed=args.seed, out_dir=args.out)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    engine_config, manual_clip = grad_clip_plan(ds_config)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    parallel = deepspeed_parallel_state(args.ep_size, nodes=args.nodes)
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    base = ModelConfig.preset(args.preset)
+    model_cfg = base.replace(moe=base.moe.replace(**_moe_overrides(args.moe)))
+    cfg = train_config(args, ds_config, args.seq_len or model_cfg.max_seq_len)
+    out_dir = Path(cfg.out_dir)
+
+    torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
+    corpus = load_corpus(args.data, max_bytes=args.max_data_bytes)
+    sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
+    model = MoETransformerLM(model_cfg, parallel, seed=cfg.seed).to(device)
+    wrap_moe_layers(model, args.ep_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
+                                           model_parameters=optimizer_param_groups(model, cfg.weight_decay))
+
+    start = 0
+    if args.resume:
+        load_path, client_state = engine.load_checkpoint(str(out_dir / CKPT_DIR))
+        if load_path is None:
+            raise SystemExit(f"--resume: no DeepSpeed checkpoint under {out_dir / CKPT_DIR}")
+        # the data position is saved by rank 0; every rank checks it against its own sampler
+        start = sampler.check_resume(dict(client_state["data"], rank=rank))
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_info = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), world_size=parallel.world_size,
+                        ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
+                        data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
+                                  val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
+                        deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, config=ds_config,
+                                       clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
+                        resumed_at_step=start or None)
+        (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"[moe_ep/deepspeed] {args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, world "
+              f"{parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), ZeRO stage {stage}, {device}",
+              flush=True)
+
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0, start_step=start)
+    val_batches = [b.to(device) for b in sampler.val_batches(cfg.val_batches)]
+    meter = IntervalMeter(len(moe_layers(model)), model_cfg.moe.n_routed_experts,
+                          cfg.batch_size * cfg.seq_len * parallel.world_size, device)
+    bar = ProgressBar(cfg.steps, start, enabled=rank == 0)
+    val_losses: dict[int, float] = {}
+    engine.train()
+    for step in range(start, cfg.steps + 1):
+        last = step == cfg.steps
+        record = {}
+        if step > start and (step % cfg.log_every == 0 or last):
+            record.update(meter.flush(parallel))
+        if step == start or step % cfg.val_every == 0 or last:
+            val_losses[step] = record["val_loss"] = evaluate(model, val_batches, parallel)
+        if record:
+            log.write(dict(step=step, **record))
+            bar.show(record)
+        if cfg.ckpt_every and step > start and (step % cfg.ckpt_every == 0 or last):
+            engine.save_checkpoint(str(out_dir / CKPT_DIR), tag=f"step_{step:04d}",
+                                   client_state=dict(data=sampler.state_dict(step), train_config=cfg.to_dict(),
+                                                     model_config=model_cfg.to_dict()))
+        if last:
+            break
+        meter.begin_step()
+        batch = sampler.batch(step).to(device, non_blocking=True)
+        lr = lr_at(step, cfg)
+        ce, aux, grad_norm, stats = train_step(engine, model, batch, lr, parallel, manual_clip)
+        meter.add(ce, aux, grad_norm, stats, lr)
+        bar.advance()
+    bar.close()
+
+    if rank == 0:
+        plots = plot_run(out_dir)
+        first, final = min(val_losses), max(val_losses)
+        print(f"[moe_ep/deepspeed] val loss {val_losses[first]:.3f} (step {first}) -> {val_losses[final]:.3f} "
+              f"(step {final})", flush=True)
+        print(f"[moe_ep/deepspeed] metrics: {out_dir / 'metrics.jsonl'}", flush=True)
+        for path in plots:
+            print(f"[moe_ep/deepspeed] plot: {path}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""``TrainConfig``: every knob of the training loop."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Fields that change the parameters a run produces; a resumed run must use the checkpoint's values.
+TRAJECTORY_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+                     "batch_size", "seq_len", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings.
+
+    steps: optimizer steps in total (a resumed run continues up to it).
+    batch_size: sequences per rank per step; the global batch is
+        ``batch_size * world_size`` sequences of ``seq_len`` tokens.
+    lr, min_lr_ratio, warmup_steps: linear warmup to ``lr`` over
+        ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+    weight_decay, beta1, beta2: AdamW (decay on matrices only).
+    grad_clip: max global gradient L2 norm (None: no clipping).
+    log_every / val_every / ckpt_every: steps between metrics records,
+        validations and checkpoints (0 disables checkpoints); the last step
+        always logs, validates and checkpoints (when enabled).
+    val_batches: validation batches per rank.
+    seed: model initialisation and data order.
+    out_dir: metrics.jsonl, plots and ckpt/ go here.
+    """
+
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    log_every: int = 10
+    val_every: int = 50
+    ckpt_every: int = 0
+    val_batches: int = 4
+    seed: int = 0
+    out_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "val_every", "val_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}: must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}: must be non-negative, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, "
+                             f"{self.min_lr_ratio}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip: must be positive or None, got {self.grad_clip!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,150 @@
+"""Training metrics: per-interval accumulation, ``metrics.jsonl`` and the progress bar.
+
+A record (one JSON object per line) describes the state after ``step``
+optimizer updates:
+
+    step          updates done
+    loss          mean training cross-entropy (nats/token) of the interval's
+                  batches, over every rank
+    aux_loss      mean of the summed MoE auxiliary losses (global values)
+    tokens_per_s  training tokens of the whole world per second of training
+                  time (validation and checkpoint time excluded)
+    dropped_frac  dropped (token, expert) pairs / routed pairs, all MoE layers
+    max_vio       MaxVio: per step the worst MoE layer's
+                  (max expert load - mean load) / mean load, averaged over the interval
+    grad_norm     mean global gradient norm before clipping
+    lr            learning rate of the interval's last update
+    expert_load   per MoE layer, each expert's share of the interval's routed pairs
+    val_loss      validation cross-entropy (validation steps only)
+
+The step-0 record holds only ``val_loss`` (nothing is trained yet).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+import torch
+from tqdm import tqdm
+
+from ..parallel.state import ParallelState
+
+
+class IntervalMeter:
+    """Accumulates training metrics on the device between two records (no host sync per step).
+
+    Time counts from ``begin_step`` to ``add`` of each step, plus the wait in
+    ``flush`` for work still queued on the device.
+    """
+
+    def __init__(self, n_moe_layers: int, n_experts: int, tokens_per_step: int, device: torch.device):
+        self.shape = (n_moe_layers, n_experts)
+        self.tokens_per_step = tokens_per_step
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(6, **f64)  # loss, aux, grad_norm, dropped, routed, max_vio
+        self.load_LE = torch.zeros(self.shape, **f64)
+        self.steps = 0
+        self.lr = 0.0
+        self.seconds = 0.0
+        self.step_started = self.step_ended = time.perf_counter()
+
+    def begin_step(self) -> None:
+        """Start the clock of one training step."""
+        self.step_started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, stats: list, lr: float) -> None:
+        """End a training step: local loss, global aux loss, norm, the MoE layers' ``last_stats``."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        dropped = sum((s.dropped_pairs.double() for s in stats), zero)
+        routed = sum((s.routed_pairs.double() for s in stats), zero)
+        max_vio = torch.stack([s.max_violation.double() for s in stats]).max() if stats else zero
+        self.sums += torch.stack([loss.double(), aux.double(), grad_norm.double(), dropped, routed, max_vio])
+        if stats:
+            self.load_LE += torch.stack([s.tokens_per_expert.double() for s in stats])
+        self.steps += 1
+        self.lr = lr
+        self.step_ended = time.perf_counter()
+        self.seconds += self.step_ended - self.step_started
+
+    def flush(self, parallel: ParallelState) -> dict:
+        """The interval's record fields (collective: every rank calls it); then reset."""
+        sums = self.sums.clone()
+        loss_sum = parallel.all_reduce_world(sums[:1].clone()) / parallel.world_size
+        values = torch.cat([loss_sum, sums[1:]]).tolist()
+        seconds = self.seconds + (time.perf_counter() - self.step_ended)  # + device work still queued
+        loss, aux, grad_norm, dropped, routed, max_vio = values
+        n = max(self.steps, 1)
+        share_LE = self.load_LE / self.load_LE.sum(-1, keepdim=True).clamp_min(1)
+        record = dict(loss=loss / n, aux_loss=aux / n,
+                      tokens_per_s=self.tokens_per_step * self.steps / max(seconds, 1e-9),
+                      dropped_frac=dropped / max(routed, 1.0), max_vio=max_vio / n, grad_norm=grad_norm / n,
+                      lr=self.lr, expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()])
+        self.reset()
+        return record
+
+
+class MetricsLog:
+    """``metrics.jsonl`` writer (rank 0 only; other ranks write nothing).
+
+    ``start_step > 0`` (a resumed run) keeps the records up to ``start_step``
+    and drops later ones, so the file reads as one run; a record written
+    again for ``start_step`` (the resumed run's first validation) is merged
+    into the kept one.
+    """
+
+    def __init__(self, path: Path, enabled: bool, start_step: int = 0):
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step and path.exists() else []
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with self.path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.kept)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self.kept and self.kept[-1]["step"] == record["step"]:
+            self.kept[-1] = {**self.kept[-1], **record}
+            self._rewrite()
+            return
+        self.kept = []
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every record of a ``metrics.jsonl``."""
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ProgressBar:
+    """tqdm bar on rank 0 showing the latest record; silent elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
+        self.shown: dict = {}
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def show(self, record: dict) -> None:
+        names = dict(loss="loss", aux_loss="aux", tokens_per_s="tok/s", dropped_frac="drop", max_vio="vio",
+                     val_loss="val")
+        formats = dict(tokens_per_s="{:.0f}", dropped_frac="{:.3f}", aux_loss="{:.2e}")
+        for key, label in names.items():
+            if key in record:
+                self.shown[label] = formats.get(key, "{:.3f}").format(record[key])
+        self.bar.set_postfix(self.shown, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,71 @@
+"""PNG plots of a run's ``metrics.jsonl`` (matplotlib, Agg canvas, no pyplot state).
+
+* ``loss.png``: training loss per record and validation loss per validation step.
+* ``expert_load.png``: one panel per MoE layer, experts (rows) x steps
+  (columns), colour = the expert's load / mean load over the interval ending
+  at that step (1 = balanced; blue under-, red over-loaded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from .metrics import read_metrics
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_losses(records: list[dict], path: Path) -> Path:
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train (mean over interval)", color="tab:blue", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_expert_load(records: list[dict], path: Path) -> Path:
+    rows = [r for r in records if r.get("expert_load")]
+    n_layers = len(rows[0]["expert_load"]) if rows else 0
+    fig = Figure(figsize=(8, 1.0 + 1.5 * max(n_layers, 1)), layout="constrained")
+    if not n_layers:
+        fig.add_subplot().text(0.5, 0.5, "no MoE load recorded", ha="center", va="center")
+        return _save(fig, path)
+    steps = [r["step"] for r in rows]
+    edges = np.array([records[0]["step"]] + steps, dtype=float)
+    load_LEC = np.array([r["expert_load"] for r in rows]).transpose(1, 2, 0)  # layer, expert, record
+    ratio = load_LEC * load_LEC.shape[1]
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, float(ratio.max())))
+    axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
+    for layer, ax in enumerate(axes):
+        mesh = ax.pcolormesh(edges, np.arange(ratio.shape[1] + 1), ratio[layer], cmap="coolwarm", norm=norm)
+        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        ticks = np.arange(0, ratio.shape[1], max(1, ratio.shape[1] // 8))
+        ax.set_yticks(ticks + 0.5, labels=[str(t) for t in ticks])
+    axes[-1].set_xlabel("optimizer step")
+    fig.colorbar(mesh, ax=list(axes), label="load / mean load")
+    fig.suptitle("Routed load per expert")
+    return _save(fig, path)
+
+
+def plot_run(out_dir: Path) -> list[Path]:
+    """Write both PNGs next to ``out_dir/metrics.jsonl``; return their paths."""
+    out_dir = Path(out_dir)
+    records = read_metrics(out_dir / "metrics.jsonl")
+    return [plot_losses(records, out_dir / "loss.png"), plot_expert_load(records, out_dir / "expert_load.png")]
