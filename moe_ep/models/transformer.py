@@ -109,7 +109,7 @@ class MoETransformerLM(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs, in depth order."""
-        return [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+        return [m for m in self.modules() if isinstance(m, MoELayer)]  # also finds wrapped layers (DeepSpeed)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE layers' auxiliary losses of the last forward (global value, see balance.py)."""
