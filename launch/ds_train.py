@@ -16,7 +16,6 @@ checkpoints under ``ds_ckpt/`` (``--resume`` continues from the latest). docs/de
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, grad_clip_p
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM  # noqa: E402
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
+from moe_ep.training.config import parse_field_overrides  # noqa: E402
 from moe_ep.training.optim import lr_at  # noqa: E402
 
 _DEFAULTS = TrainConfig()
@@ -78,19 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _moe_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--moe {item!r}: expected FIELD=VALUE")
-        try:
-            out[field] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[field] = raw
-    return out
-
-
 def train_config(args: argparse.Namespace, ds_config: dict, seq_len: int) -> TrainConfig:
     """The plain loop's ``TrainConfig`` with the optimizer settings read from the DeepSpeed config."""
     optimizer = ds_config.get("optimizer", {})
@@ -124,7 +111,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     base = ModelConfig.preset(args.preset)
-    model_cfg = base.replace(moe=base.moe.replace(**_moe_overrides(args.moe)))
+    model_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
     cfg = train_config(args, ds_config, args.seq_len or model_cfg.max_seq_len)
     out_dir = Path(cfg.out_dir)
 

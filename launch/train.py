@@ -12,7 +12,6 @@ the flags, the outputs and multi-node starts.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ import moe_ep
 from moe_ep.data import BatchSampler, load_corpus
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
+from moe_ep.training.config import parse_field_overrides
 
 _DEFAULTS = TrainConfig()
 
@@ -58,20 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _moe_overrides(items: list[str]) -> dict:
-    """``FIELD=VALUE`` strings to a dict; values are Python literals where they parse, else strings."""
-    out = {}
-    for item in items:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--moe {item!r}: expected FIELD=VALUE")
-        try:
-            out[field] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[field] = raw
-    return out
-
-
 def setup_parallel(ep_size: int, nodes) -> tuple[moe_ep.ParallelState, torch.device]:
     """The parallel state and this rank's device (torchrun) or a single process."""
     if "RANK" not in os.environ:
@@ -91,7 +77,7 @@ def main(argv=None) -> None:
     parallel, device = setup_parallel(args.ep_size, args.nodes)
     rank = dist.get_rank() if parallel.distributed else 0
     base = ModelConfig.preset(args.preset)
-    model_cfg = base.replace(moe=base.moe.replace(**_moe_overrides(args.moe)))
+    model_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len or model_cfg.max_seq_len,
                       lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
                       weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, log_every=args.log_every,

@@ -1,6 +1,7 @@
 """``TrainConfig``: every knob of the training loop."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
 
@@ -61,3 +62,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_field_overrides(items: list[str]) -> dict:
+    """``FIELD=VALUE`` strings (the launchers' ``--moe``) to a dict; values are Python literals where they parse, else strings."""
+    out = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--moe {item!r}: expected FIELD=VALUE")
+        try:
+            out[field] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[field] = raw
+    return out
