@@ -38,8 +38,6 @@ class _ContiguousGrad(torch.autograd.Function):
 def _torch_grouped_mm_ok(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     if x_RK.dtype not in _GROUPED_MM_DTYPES or w_EKN.dtype != x_RK.dtype:
         return False
-    if x_RK.shape[0] == 0:  # torch._grouped_mm's backward rejects empty operands
-        return False
     size = x_RK.element_size()
     # Unit strides are fine; every other stride (and the output row) must be 16-byte aligned.
     return all(s == 1 or (s * size) % 16 == 0
@@ -48,6 +46,8 @@ def _torch_grouped_mm_ok(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
 
 def resolve_backend(requested: str, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> str:
     """The backend ``grouped_matmul`` will use for these operands."""
+    if requested in ("auto", "torch") and x_RK.shape[0] == 0:
+        return "loop"  # torch._grouped_mm's backward rejects empty operands
     if requested != "auto":
         return requested
     if x_RK.is_cuda:
@@ -78,8 +78,6 @@ def grouped_matmul(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tens
     if chosen == "triton":
         from .kernels import grouped_mm
         return grouped_mm(x_RK, w_EKN, counts_E)
-    if chosen == "torch" and x_RK.shape[0] == 0:
-        chosen = "loop"  # torch._grouped_mm's backward fails on empty operands
     if chosen == "torch":
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x_RK, w_EKN, offs=offs_E))
