@@ -31,7 +31,11 @@ class RoutingStats:
     """Global routing statistics of the last forward (tensors, no host sync).
 
     tokens_per_expert: routed pairs per expert over the world, before dropping.
-    routed_pairs / dropped_pairs: T*K over the world, and how many were dropped.
+    routed_pairs / dropped_pairs: T*K over the world, and how many were dropped
+        (from the senders' keep masks).
+    processed_pairs: (token, expert) pairs the experts computed over the
+        world, counted where they ran; ``processed + dropped == routed``
+        unless a pair was lost.
     max_violation: (max load - mean load) / mean load.
     devices_per_token_mean / _max: distinct device groups a token reaches.
     traffic: per-rank dispatch message sizes (expert-parallel only).
@@ -40,6 +44,7 @@ class RoutingStats:
     tokens_per_expert: torch.Tensor
     routed_pairs: torch.Tensor
     dropped_pairs: torch.Tensor
+    processed_pairs: torch.Tensor
     max_violation: torch.Tensor
     devices_per_token_mean: torch.Tensor
     devices_per_token_max: torch.Tensor
@@ -48,7 +53,7 @@ class RoutingStats:
     def as_dict(self) -> dict:
         """Plain Python numbers (one host sync)."""
         out = {name: getattr(self, name).tolist() for name in
-               ("tokens_per_expert", "routed_pairs", "dropped_pairs", "max_violation",
+               ("tokens_per_expert", "routed_pairs", "dropped_pairs", "processed_pairs", "max_violation",
                 "devices_per_token_mean", "devices_per_token_max")}
         out.update({k: v.tolist() if torch.is_tensor(v) else v for k, v in self.traffic.items()})
         return out
@@ -62,6 +67,7 @@ class GlobalCounts:
     tokens: torch.Tensor          # T over the world
     sequences: torch.Tensor       # sequences over the world
     kept_pairs: torch.Tensor
+    processed_pairs: torch.Tensor
     devices_sum: torch.Tensor
     devices_max: torch.Tensor
 
@@ -73,9 +79,12 @@ def device_hits(topk_idx_TK: torch.Tensor, n_experts: int, n_devices: int) -> to
     return hit_TD.scatter_(1, topk_idx_TK // (n_experts // n_devices), True)
 
 
-def global_counts(routing: Routing, keep_TK: torch.Tensor, n_seq: int, n_devices: int,
-                  parallel: ParallelState) -> GlobalCounts:
-    """Reduce the routing counts over the world (one SUM, one MAX all-reduce)."""
+def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torch.Tensor, n_seq: int,
+                  n_devices: int, parallel: ParallelState) -> GlobalCounts:
+    """Reduce the routing counts over the world (one SUM, one MAX all-reduce).
+
+    ``processed_pairs``: the pairs this rank's experts computed (the dispatcher's count).
+    """
     idx_TK = routing.topk_idx_TK
     T, K = idx_TK.shape
     E = routing.scores_TE.shape[-1]
@@ -88,13 +97,14 @@ def global_counts(routing: Routing, keep_TK: torch.Tensor, n_seq: int, n_devices
         hit_TD.sum(0).to(**f64),
         torch.tensor([T, n_seq], **f64),
         keep_TK.sum().reshape(1).to(**f64),
+        processed_pairs.reshape(1).to(**f64),
         devices_T.sum().reshape(1).to(**f64),
     ])
     parallel.all_reduce_world(packed)
     devices_max = (devices_T.max() if T else torch.zeros((), dtype=torch.long, device=idx_TK.device)).to(**f64)
     parallel.all_reduce_world(devices_max, op=torch.distributed.ReduceOp.MAX)
-    load, top1, sent, rest = packed.split([E, E, n_devices, 4])
-    return GlobalCounts(load, top1, sent, rest[0], rest[1], rest[2], rest[3], devices_max)
+    load, top1, sent, rest = packed.split([E, E, n_devices, 5])
+    return GlobalCounts(load, top1, sent, rest[0], rest[1], rest[2], rest[3], rest[4], devices_max)
 
 
 def routing_stats(counts: GlobalCounts, top_k: int, traffic: dict) -> RoutingStats:
@@ -104,6 +114,7 @@ def routing_stats(counts: GlobalCounts, top_k: int, traffic: dict) -> RoutingSta
         tokens_per_expert=counts.load_E.to(torch.long),
         routed_pairs=routed.to(torch.long),
         dropped_pairs=(routed - counts.kept_pairs).to(torch.long),
+        processed_pairs=counts.processed_pairs.to(torch.long),
         max_violation=((counts.load_E.max() - mean_load) / mean_load).float(),
         devices_per_token_mean=(counts.devices_sum / counts.tokens.clamp_min(1)).float(),
         devices_per_token_max=counts.devices_max.to(torch.long),

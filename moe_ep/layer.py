@@ -95,7 +95,8 @@ class MoELayer(nn.Module):
                                  self.experts, overlap)
         y_TH = result.y_TH if result.overlap_out is None else result.y_TH + result.overlap_out
 
-        counts = global_counts(routing, result.keep_TK, n_seq, self.n_devices, self.parallel)
+        counts = global_counts(routing, result.keep_TK, result.processed_pairs, n_seq, self.n_devices,
+                               self.parallel)
         loss = aux_loss(routing, seq_id_T, n_seq, counts, cfg, self.n_devices, self.device_limit, self.parallel)
         self.aux_loss = loss if loss is not None else y_TH.new_zeros((), dtype=torch.float32)
         self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)

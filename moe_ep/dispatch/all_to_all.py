@@ -130,4 +130,5 @@ class AllToAllDispatcher:
             "dest_ranks_per_token_mean": dest_per_token_T.float().mean() if T else torch.zeros(()),
             "dest_ranks_per_token_max": dest_per_token_T.max() if T else torch.zeros((), dtype=torch.long),
         }
-        return DispatchResult(y_TH, keep_TK, overlap_out, traffic)
+        processed = torch.tensor(src_S.numel(), device=x_TH.device)
+        return DispatchResult(y_TH, keep_TK, overlap_out, processed, traffic)

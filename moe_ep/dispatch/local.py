@@ -16,13 +16,16 @@ from ..dropping import DropRule, PairKeys
 
 @dataclass
 class DispatchResult:
-    """y_TH: routed output; keep_TK: which pairs were processed;
+    """y_TH: routed output; keep_TK: which of this rank's pairs were kept;
     overlap_out: the result of the callable run while tokens were in flight;
+    processed_pairs: (row, expert) pairs this rank's experts computed (0-d
+    int64), counted where the experts run, independently of ``keep_TK``;
     traffic: per-rank message sizes (empty on one process)."""
 
     y_TH: torch.Tensor
     keep_TK: torch.Tensor
     overlap_out: Optional[torch.Tensor]
+    processed_pairs: torch.Tensor
     traffic: dict = field(default_factory=dict)
 
 
@@ -56,4 +59,5 @@ class LocalDispatcher:
         token_R, slot_R = keep_TK.nonzero(as_tuple=True)
         y_TH = apply_experts(x_TH, token_R, topk_idx_TK[token_R, slot_R], topk_weight_TK[token_R, slot_R],
                              experts)
-        return DispatchResult(y_TH, keep_TK, overlap_out)
+        processed = torch.tensor(token_R.numel(), device=x_TH.device)
+        return DispatchResult(y_TH, keep_TK, overlap_out, processed)

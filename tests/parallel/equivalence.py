@@ -88,7 +88,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
             expected = ref_params[name].grad
         errors[f"grad:{name}"] = _rel_err(grad, expected)
     stats, ref_stats = layer.last_stats.as_dict(), ref.last_stats.as_dict()
-    for key in ("tokens_per_expert", "routed_pairs", "dropped_pairs", "devices_per_token_max"):
+    for key in ("tokens_per_expert", "routed_pairs", "dropped_pairs", "processed_pairs", "devices_per_token_max"):
         assert stats[key] == ref_stats[key], f"rank {rank}: last_stats[{key}] {stats[key]} != {ref_stats[key]}"
     tol = case.get("tol", 2e-5)
     bad = {k: v for k, v in errors.items() if not v <= tol}
