@@ -89,7 +89,8 @@ class MoEConfig:
         dispatcher: ``flat`` (one all-to-all over the EP group),
             ``hierarchical`` (two hops: once per destination node across
             nodes, then inside the node) or ``auto`` (hierarchical when the
-            EP group spans more than one node, ``ParallelState.nodes > 1``).
+            EP group spans more than one node, ``ParallelState.nodes > 1``,
+            with more than one rank per node).
 
     Checks:
         check_finite: raise on non-finite input (one host sync per forward).

@@ -80,7 +80,7 @@ class AllToAllDispatcher:
         """Rows to ranks of other nodes are inter-node, to other ranks of this node intra-node."""
         parallel = self.parallel
         node_D = torch.arange(self.ep_size, device=x_TH.device) // parallel.ranks_per_node
-        same_node_D = node_D == parallel.node_rank
+        same_node_D = node_D == parallel.node_index
         send_D = hop.send_D
         internode = send_D[~same_node_D].sum()
         intranode = send_D[same_node_D].sum() - send_D[parallel.ep_rank]

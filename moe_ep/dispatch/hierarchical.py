@@ -47,8 +47,8 @@ class HierarchicalDispatcher:
         if parallel.internode_group is None or parallel.intranode_group is None:
             raise ValueError("HierarchicalDispatcher: the ParallelState has no internode_group / intranode_group; "
                              "build it with moe_ep.init_expert_parallel(ep_size, nodes) or use dispatcher='flat'")
-        for name, group, expected in (("internode_group", parallel.internode_group, parallel.node_rank),
-                                      ("intranode_group", parallel.intranode_group, parallel.local_rank)):
+        for name, group, expected in (("internode_group", parallel.internode_group, parallel.node_index),
+                                      ("intranode_group", parallel.intranode_group, parallel.local_index)):
             if dist.get_rank(group) != expected:
                 raise ValueError(f"HierarchicalDispatcher: this rank is rank {dist.get_rank(group)} of {name}, "
                                  f"expected {expected} (EP rank {parallel.ep_rank}, {parallel.nodes} nodes)")
@@ -92,8 +92,8 @@ class HierarchicalDispatcher:
             overlap_out = overlap()
 
         rank_kept_TK = torch.where(keep_TK, rank_TK, torch.full_like(rank_TK, D))
-        internode = inter.send_D.sum() - inter.send_D[parallel.node_rank]
-        intranode = intra.send_D.sum() - intra.send_D[parallel.local_rank]
+        internode = inter.send_D.sum() - inter.send_D[parallel.node_index]
+        intranode = intra.send_D.sum() - intra.send_D[parallel.local_index]
         stats = traffic(inter.send_D.sum() + intra.send_D.sum(), inter.recv_D.sum() + intra.recv_D.sum(),
                         internode, intranode, x_TH.shape[1] * x_TH.element_size(),
                         destination_hits(rank_kept_TK, D).sum(1))

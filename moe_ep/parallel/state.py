@@ -56,16 +56,17 @@ class ParallelState:
 
     @property
     def ranks_per_node(self) -> int:
+        """EP ranks on one node (the size of the intra-node group)."""
         return self.ep_size // self.nodes
 
     @property
-    def node_rank(self) -> int:
-        """The node of this rank within its EP group."""
+    def node_index(self) -> int:
+        """Which of the EP group's nodes this rank is on (its rank in the inter-node group)."""
         return self.ep_rank // self.ranks_per_node
 
     @property
-    def local_rank(self) -> int:
-        """This rank's index within its node."""
+    def local_index(self) -> int:
+        """This rank's index within its node (its rank in the intra-node group)."""
         return self.ep_rank % self.ranks_per_node
 
     def expert_range(self, n_experts: int) -> tuple[int, int]:

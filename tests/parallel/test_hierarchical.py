@@ -47,7 +47,8 @@ RUNS = {
         _case("one_rank_per_node", GREEDY, nodes=4),
         _case("one_node", V2_DROPPING, nodes=1),
         _case("dp2_greedy", GREEDY, ep_size=2),
-        _case("dp2_v3_auto", V3_ONE_NODE, dispatcher="auto", ep_size=2),
+        _case("dp2_v3", V3_ONE_NODE, ep_size=2),
+        _case("dp2_v3_auto", V3_ONE_NODE, dispatcher="auto", ep_size=2),  # one rank per node: flat
     ],
     8: [
         _case("2x4_greedy", dict(GREEDY, **WIDE), ep_size=8),
@@ -103,8 +104,8 @@ def test_equals_single_process_layer(results, name):
 
 @pytest.mark.timeout(420)
 def test_dispatcher_choice(results):
-    """``auto`` picks hierarchical when the EP group spans 2 nodes; ``flat`` is honoured."""
-    for name, dispatcher in {"greedy_auto": "HierarchicalDispatcher", "dp2_v3_auto": "HierarchicalDispatcher",
+    """``auto``: hierarchical across nodes of several ranks, flat with one rank per node; ``flat`` is honoured."""
+    for name, dispatcher in {"greedy_auto": "HierarchicalDispatcher", "dp2_v3_auto": "AllToAllDispatcher",
                              "greedy_flat": "AllToAllDispatcher", "2x4_greedy": "HierarchicalDispatcher"}.items():
         assert {r["dispatcher"] for r in results[name]} == {dispatcher}, name
 
