@@ -21,6 +21,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 LOSS_SCOPES = ("sequence", "batch")
 DROP_POLICIES = ("affinity", "position")
 EXPERT_BACKENDS = ("auto", "triton", "torch", "loop")
+DISPATCHERS = ("auto", "flat", "hierarchical")
 _ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +85,13 @@ class MoEConfig:
         eval_capacity_factor: capacity factor applied to both limits in eval;
             None means no dropping in eval (V2).
 
+    Dispatch (expert-parallel layers only; docs/dispatch.md):
+        dispatcher: ``flat`` (one all-to-all over the EP group),
+            ``hierarchical`` (two hops: once per destination node across
+            nodes, then inside the node) or ``auto`` (hierarchical when the
+            EP group spans more than one node, ``ParallelState.nodes > 1``,
+            with more than one rank per node).
+
     Checks:
         check_finite: raise on non-finite input (one host sync per forward).
         expert_backend: ``auto`` (Triton on CUDA, torch grouped mm on CPU,
@@ -124,6 +132,8 @@ class MoEConfig:
     protected_seq_frac: float = 0.0
     eval_capacity_factor: Optional[float] = None
 
+    dispatcher: str = "auto"
+
     check_finite: bool = False
     expert_backend: str = "auto"
 
@@ -157,6 +167,7 @@ class MoEConfig:
              f"unknown {self.drop_policy!r}; choose from {DROP_POLICIES}")
         need(self.expert_backend in EXPERT_BACKENDS, "expert_backend",
              f"unknown {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
+        need(self.dispatcher in DISPATCHERS, "dispatcher", f"unknown {self.dispatcher!r}; choose from {DISPATCHERS}")
 
         E, K = self.n_routed_experts, self.num_experts_per_tok
         need(K <= E, "num_experts_per_tok", f"top-k {K} exceeds n_routed_experts {E}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .balance import RoutingStats, aux_loss, global_counts, routing_stats
 from .config import MoEConfig
-from .dispatch import LocalDispatcher
+from .dispatch import make_dispatcher
 from .dropping import DropRule, PairKeys, protected_sequences
 from .experts import RoutedExperts, SharedExperts
 from .parallel.state import ParallelState
@@ -65,11 +65,7 @@ class MoELayer(nn.Module):
         self.router = Router(config)
         self.experts = RoutedExperts(config, E // parallel.ep_size)
         self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
-        if parallel.ep_size > 1:
-            from .dispatch.all_to_all import AllToAllDispatcher
-            self.dispatcher = AllToAllDispatcher(parallel, E)
-        else:
-            self.dispatcher = LocalDispatcher()
+        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E)
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.aux_loss: torch.Tensor = torch.zeros(())

@@ -62,7 +62,7 @@ def test_negative_coefficients(field):
 @pytest.mark.parametrize("field,value", [("scoring_func", "relu"), ("topk_method", "sinkhorn"),
                                          ("activation", "tanh"), ("loss_scope", "token"),
                                          ("drop_policy", "random"), ("expert_backend", "cutlass"),
-                                         ("router_dtype", "int8")])
+                                         ("router_dtype", "int8"), ("dispatcher", "two_hop")])
 def test_unknown_names(field, value):
     msg = _raises_naming(field, **{field: value})
     assert value in msg

@@ -9,47 +9,31 @@ diagram and message sizes):
 1. Deduplicate: token t goes to rank d once if any kept pair of t lives on d.
 2. Counts first: all-to-all of the per-destination row counts (8 bytes each).
 3. Tokens: all-to-all of the rows ``[R, H]`` and of their routing rows
-   ``[R, 2K]`` (local expert ids, -1 for slots elsewhere, and gate values).
-4. The receiver expands rows to (row, local expert) pairs, sorts them by
-   expert, runs the grouped experts, multiplies by the gate values and sums
-   per row.
+   ``[R, 2K]`` (gate values, and local expert ids, -1 for slots elsewhere).
+4. The receiver expands rows to (row, local expert) pairs and runs
+   ``apply_experts`` (sort by expert, grouped experts, x gate, sum per row).
 5. Combine: the summed rows go back with the reverse splits (one row per
    (token, destination) again) and the home rank adds them per token.
 
 Shared experts (``overlap``) run while step 3 is in flight. Every rank makes
 the same collective calls in the same order whatever the routing, so skewed
 or empty batches cannot hang. Forward and backward go through the
-autograd-aware functional all-to-all.
+autograd-aware functional all-to-all (``rows.Hop``).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from ..dropping import DropRule, PairKeys
 from ..parallel.state import ParallelState
-from .local import DispatchResult, apply_experts
-
-
-def _exchange(tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-              group: dist.ProcessGroup) -> torch.Tensor:
-    """Non-differentiable uneven all-to-all of rows."""
-    out = tensor.new_empty(sum(recv_counts), *tensor.shape[1:])
-    dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
-    return out
-
-
-def _exchange_counts(send_D: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    recv_D = torch.empty_like(send_D)
-    dist.all_to_all_single(recv_D, send_D, group=group)
-    return recv_D
+from .local import DispatchResult
+from .rows import Hop, decide_keep, plan_rows, run_received, traffic
 
 
 class AllToAllDispatcher:
-    """Moves tokens to the ranks owning their experts and the results back.
+    """Moves tokens to the ranks owning their experts and the results back, in one hop.
 
     ``overlap``: run the shared experts while the dispatch all-to-all is in
     flight (set False to measure the difference).
@@ -62,22 +46,6 @@ class AllToAllDispatcher:
         self.experts_per_rank = n_experts // parallel.ep_size
         self.overlap = overlap
 
-    def _decide_keep(self, keys: PairKeys, rule: DropRule, dest_P: torch.Tensor) -> torch.Tensor:
-        """Step 0: the owners of the experts rank all their pairs and return keep flags."""
-        order_P = torch.argsort(dest_P, stable=True)
-        send_D = torch.bincount(dest_P, minlength=self.ep_size)
-        recv_D = _exchange_counts(send_D, self.group)
-        send, recv = send_D.tolist(), recv_D.tolist()
-        packed_P5 = torch.stack([keys.expert_P.double(), keys.affinity_P.double(), keys.protected_P.double(),
-                                 keys.token_P.double(), keys.slot_P.double()], dim=1)[order_P]
-        got = _exchange(packed_P5, send, recv, self.group)
-        received = PairKeys(expert_P=got[:, 0].long(), affinity_P=got[:, 1], protected_P=got[:, 2].bool(),
-                            token_P=got[:, 3].long(), slot_P=got[:, 4].long())
-        keep_back = _exchange(rule(received).to(torch.uint8), recv, send, self.group)
-        keep_P = torch.empty_like(keep_back)
-        keep_P[order_P] = keep_back
-        return keep_P.bool()
-
     def __call__(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  keys: Optional[PairKeys], rule: Optional[DropRule], experts,
                  overlap: Optional[Callable[[], torch.Tensor]] = None) -> DispatchResult:
@@ -85,50 +53,36 @@ class AllToAllDispatcher:
         D, per_rank = self.ep_size, self.experts_per_rank
         dest_TK = topk_idx_TK // per_rank
         if rule is not None:
-            keep_TK = self._decide_keep(keys, rule, dest_TK.flatten()).view(T, K)
+            keep_TK = decide_keep(keys, rule, dest_TK.flatten(), D, self.group).view(T, K)
         else:
             keep_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
 
-        # 1. one row per (token, destination) holding at least one kept pair.
+        # 1-2. one row per (token, destination) holding at least one kept pair; counts first.
         dest_kept_TK = torch.where(keep_TK, dest_TK, torch.full_like(dest_TK, D))
-        hit_TD = torch.zeros(T, D + 1, dtype=torch.bool, device=x_TH.device)
-        hit_TD = hit_TD.scatter_(1, dest_kept_TK, True)[:, :D]
-        dest_R, token_R = hit_TD.t().nonzero(as_tuple=True)
-        slot_match_RK = dest_kept_TK[token_R] == dest_R[:, None]
-        local_expert_RK = torch.where(slot_match_RK, topk_idx_TK[token_R] - dest_R[:, None] * per_rank,
-                                      torch.full_like(slot_match_RK, -1, dtype=torch.long))
-        weight_RK = topk_weight_TK[token_R] * slot_match_RK
-
-        # 2. counts first.
-        send_D = hit_TD.sum(0)
-        recv_D = _exchange_counts(send_D, self.group)
-        send, recv = send_D.tolist(), recv_D.tolist()
+        hop = Hop(plan_rows(dest_kept_TK, topk_idx_TK, topk_weight_TK, D, per_rank), self.group)
 
         # 3. rows and routing rows; shared experts meanwhile.
-        x_recv = all_to_all_single_autograd(x_TH[token_R], recv, send, self.group)
-        route_RK2 = torch.cat([weight_RK, local_expert_RK.to(weight_RK.dtype)], dim=1)
-        route_recv = all_to_all_single_autograd(route_RK2, recv, send, self.group)
+        x_recv, route_recv = hop.dispatch(x_TH)
         overlap_out = overlap() if (overlap is not None and self.overlap) else None
 
-        # 4. expand to (row, local expert), run the experts, weight, sum per row.
-        local_expert_SK = route_recv[:, K:].detach().long()
-        src_S, slot_S = (local_expert_SK >= 0).nonzero(as_tuple=True)
-        y_recv = apply_experts(x_recv, src_S, local_expert_SK[src_S, slot_S],
-                               route_recv[:, :K][src_S, slot_S], experts)
+        # 4. the experts of this rank.
+        y_recv, processed = run_received(x_recv, route_recv, K, experts)
 
         # 5. combine.
-        y_back = all_to_all_single_autograd(y_recv, send, recv, self.group)
+        y_TH = hop.combine(y_recv, T)
         if overlap is not None and not self.overlap:
             overlap_out = overlap()
-        y_TH = torch.zeros_like(x_TH).index_add_(0, token_R, y_back)
 
-        dest_per_token_T = hit_TD.sum(1)
-        row_bytes = x_TH.shape[1] * x_TH.element_size()
-        traffic = {
-            "rows_sent": send_D.sum(), "rows_received": recv_D.sum(),
-            "bytes_sent": send_D.sum() * row_bytes, "bytes_received": recv_D.sum() * row_bytes,
-            "dest_ranks_per_token_mean": dest_per_token_T.float().mean() if T else torch.zeros(()),
-            "dest_ranks_per_token_max": dest_per_token_T.max() if T else torch.zeros((), dtype=torch.long),
-        }
-        processed = torch.tensor(src_S.numel(), device=x_TH.device)
-        return DispatchResult(y_TH, keep_TK, overlap_out, processed, traffic)
+        return DispatchResult(y_TH, keep_TK, overlap_out, torch.tensor(processed, device=x_TH.device),
+                              self._traffic(hop, x_TH))
+
+    def _traffic(self, hop: Hop, x_TH: torch.Tensor) -> dict:
+        """Rows to ranks of other nodes are inter-node, to other ranks of this node intra-node."""
+        parallel = self.parallel
+        node_D = torch.arange(self.ep_size, device=x_TH.device) // parallel.ranks_per_node
+        same_node_D = node_D == parallel.node_index
+        send_D = hop.send_D
+        internode = send_D[~same_node_D].sum()
+        intranode = send_D[same_node_D].sum() - send_D[parallel.ep_rank]
+        return traffic(send_D.sum(), hop.recv_D.sum(), internode, intranode,
+                       x_TH.shape[1] * x_TH.element_size(), hop.plan.hit_SD.sum(1))

@@ -50,6 +50,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
+from ..dispatch import make_dispatcher
 from ..layer import MoELayer
 from ..parallel.state import ParallelState
 
@@ -246,11 +247,8 @@ class DeepSpeedMoE(MoE):
                              f"but DeepSpeed's groups put this process at EP rank {state.ep_rank} of "
                              f"{state.ep_size}; build the model with deepspeed_parallel_state(ep_size)")
         layer.parallel = state
-        if state.ep_size > 1:
-            from ..dispatch.all_to_all import AllToAllDispatcher
-
-            layer.dispatcher = AllToAllDispatcher(state, self.num_experts,
-                                                  overlap=getattr(layer.dispatcher, "overlap", True))
+        layer.dispatcher = make_dispatcher(layer.config.dispatcher, state, self.num_experts,
+                                           overlap=getattr(layer.dispatcher, "overlap", True))
 
     # ----------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

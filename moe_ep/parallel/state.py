@@ -1,11 +1,15 @@
 """Process groups of expert parallelism: world = data-parallel x expert-parallel.
 
-The ranks form a ``DeviceMesh`` of shape ``(dp, ep)``: one row is an
-expert-parallel group (consecutive ranks, the D devices of the papers), one
-column an expert-data-parallel group (ranks holding the same expert shard).
-Experts are placed contiguously: expert e lives on EP rank ``e // (E / ep)``,
-so a routing group is exactly a device (or a node) and "at most M devices"
-bounds real traffic.
+The ranks form a ``DeviceMesh`` of shape ``(dp, node, local)``; ``node`` x
+``local`` flattened is ``ep``. One EP group (consecutive ranks, the D devices
+of the papers) spans ``nodes`` nodes of ``ep / nodes`` ranks each: EP rank
+``r`` sits on node ``r // local`` with local index ``r % local``. One ``dp``
+column is an expert-data-parallel group (ranks holding the same expert
+shard); a ``node`` column the inter-node group (one rank per node, same local
+index) and a ``local`` row the intra-node group (the ranks of one node), which
+the two-hop dispatcher uses. Experts are placed contiguously: expert e lives on
+EP rank ``e // (E / ep)``, so a routing group is exactly a device (or a node)
+and "at most M devices" bounds real traffic.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class ParallelState:
     edp_group: the expert-data-parallel group (``dp_size`` ranks, same shard).
     world_group: every rank (``dp_size * ep_size``).
     nodes: nodes one EP group spans (node-limited routing groups).
+    internode_group: the ``nodes`` ranks of this EP group with this rank's
+        local index, one per node (None when not built from the mesh).
+    intranode_group: the ``ep_size / nodes`` ranks of this rank's node.
     """
 
     ep_size: int = 1
@@ -35,6 +42,8 @@ class ParallelState:
     ep_group: Optional[dist.ProcessGroup] = None
     edp_group: Optional[dist.ProcessGroup] = None
     world_group: Optional[dist.ProcessGroup] = None
+    internode_group: Optional[dist.ProcessGroup] = None
+    intranode_group: Optional[dist.ProcessGroup] = None
     mesh: Optional[object] = None
 
     @property
@@ -44,6 +53,21 @@ class ParallelState:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def ranks_per_node(self) -> int:
+        """EP ranks on one node (the size of the intra-node group)."""
+        return self.ep_size // self.nodes
+
+    @property
+    def node_index(self) -> int:
+        """Which of the EP group's nodes this rank is on (its rank in the inter-node group)."""
+        return self.ep_rank // self.ranks_per_node
+
+    @property
+    def local_index(self) -> int:
+        """This rank's index within its node (its rank in the intra-node group)."""
+        return self.ep_rank % self.ranks_per_node
 
     def expert_range(self, n_experts: int) -> tuple[int, int]:
         """Global ids ``[first, last)`` of this rank's experts (contiguous placement)."""
@@ -70,7 +94,7 @@ def _default_backend() -> str:
 
 
 def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None) -> ParallelState:
-    """Build the (dp, ep) mesh on the default process group.
+    """Build the (dp, node, local) mesh (``ep`` = node x local) on the default process group.
 
     Initialises the default group from the torchrun environment when absent
     (NCCL with CUDA, gloo without). ``ep_size`` defaults to the world size.
@@ -93,8 +117,10 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
 
     device_type = "cuda" if _default_backend() == "nccl" else "cpu"
     dp_size = world // ep_size
-    mesh = init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh(device_type, (dp_size, nodes, ep_size // nodes), mesh_dim_names=("dp", "node", "local"))
+    mesh["node", "local"]._flatten("ep")
     rank = dist.get_rank()
     return ParallelState(ep_size=ep_size, ep_rank=rank % ep_size, dp_size=dp_size, dp_rank=rank // ep_size,
                          nodes=nodes, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),
-                         world_group=dist.group.WORLD, mesh=mesh)
+                         world_group=dist.group.WORLD, internode_group=mesh.get_group("node"),
+                         intranode_group=mesh.get_group("local"), mesh=mesh)

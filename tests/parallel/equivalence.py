@@ -1,5 +1,9 @@
 """Worker: a distributed MoELayer against the single-process layer on the concatenated batch.
 
+A case is a dict: ``config`` (MoEConfig fields, ``dispatcher`` included),
+``ep_size``, optional ``nodes``, ``batch_per_rank``, ``seq_len``,
+``skew_to_expert``, ``train``, ``double``, ``tol``.
+
 Every rank builds the same single-process reference (same seed), shards its
 full state dict into the distributed layer, and runs both. Objective per rank:
 ``sum(y_r * g_r) + aux_loss / W`` (see moe_ep/balance.py for why ``/ W``), so
@@ -93,7 +97,10 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     tol = case.get("tol", 2e-5)
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"rank {rank}: errors above {tol}: {bad}"
-    return {"errors": errors, "stats": stats}
+    with torch.no_grad():  # this rank's routing, for traffic bounds checked by the caller
+        topk_idx = layer.router(x_r.reshape(-1, H)).topk_idx_TK
+    return {"errors": errors, "stats": stats, "dispatcher": type(layer.dispatcher).__name__,
+            "topk_idx": topk_idx.tolist()}
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
