@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from ..dropping import DropRule, PairKeys
 from ..parallel.state import ParallelState
@@ -110,7 +110,9 @@ class AllToAllDispatcher:
         route_recv = all_to_all_single_autograd(route_RK2, recv, send, self.group)
         overlap_out = overlap() if (overlap is not None and self.overlap) else None
 
-        # 4. expand to (row, local expert), run the experts, weight, sum per row.
+        # 4. expand to (row, local expert), run the experts, weight, sum per row. The received
+        # buffers become plain tensors here (kernels read their data pointers), keeping autograd.
+        x_recv, route_recv = wait_tensor(x_recv), wait_tensor(route_recv)
         local_expert_SK = route_recv[:, K:].detach().long()
         src_S, slot_S = (local_expert_SK >= 0).nonzero(as_tuple=True)
         y_recv = apply_experts(x_recv, src_S, local_expert_SK[src_S, slot_S],
