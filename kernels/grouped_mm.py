@@ -37,11 +37,11 @@ def _check_operands(x_TK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Ten
     check_counts(counts_E, w_EKN.shape[0], x_TK.device)
 
 
-def grouped_gemm(x_TK, w_EKN, counts_E, config=None):
-    """``out[r] = x[r] @ w[e(r)]`` without autograd: a new [T, N] tensor in x's dtype."""
+def grouped_gemm(x_TK, w_EKN, counts_E, config=None, out=None):
+    """``out[r] = x[r] @ w[e(r)]`` without autograd, into ``out`` [T, N] or a new tensor in x's dtype."""
     num_rows, (num_experts, k, n) = x_TK.shape[0], w_EKN.shape
     config = config or choose_config(num_rows, num_experts, k, n, x_TK.dtype)
-    out_TN = x_TK.new_empty((num_rows, n))
+    out_TN = x_TK.new_empty((num_rows, n)) if out is None else out
     return triton_kernels().launch_grouped_gemm(x_TK, w_EKN, counts_E, out_TN, config)
 
 

@@ -25,7 +25,10 @@ experts' activation checkpointing). Backward, with ``dY_R = dY_S[row]``:
 
 The grouped products come from the backend (``moe_ep.expert_backend``):
 Triton fuses the gather, the activation and the gate weight into the first
-GEMM; torch and the loop gather with ``index_select`` first.
+GEMM; torch and the loop gather with ``index_select`` first. Each pass
+allocates one ``[R, H]`` workspace and reuses it for every ``[R, H]`` step
+(forward: the gathered rows, then the outputs; backward: ``dY_R``, the
+re-gathered rows, then ``dx_R``), so at most one such buffer is alive.
 """
 from __future__ import annotations
 
@@ -37,10 +40,13 @@ from .expert_backend import grouped_ops
 
 
 class _ExpertFFN(torch.autograd.Function):
+    # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
     @staticmethod
     def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
-        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=not recompute)
-        y_RH = ops.mm(a_RI, w_out, counts_E)
+        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered rows, then the outputs
+        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=not recompute,
+                            workspace=rows_RH)
+        y_RH = ops.mm(a_RI, w_out, counts_E, out=rows_RH)
         del a_RI
         y_SH = x_SH.new_zeros(x_SH.shape).index_add_(0, row_R, y_RH)
         ctx.save_for_backward(x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ)
@@ -50,27 +56,27 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_SH):
-        # Ordered so that at most one [R, H] buffer is alive at a time.
         x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
         ops, activation = ctx.ops, ctx.activation
         need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
+        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered dY, x, then dx rows
         if h_RJ is None:  # recompute: the routed experts' activation checkpointing
-            h_RJ = ops.pre(x_SH, row_R, counts_E, w_in)
-        act_RI = activate(h_RJ, activation)
+            h_RJ = ops.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
         scale_R1 = weight_R[:, None]
 
-        dy_RH = dy_SH.index_select(0, row_R)
-        d_w_out = ops.wgrad((act_RI * scale_R1).to(act_RI.dtype), dy_RH, counts_E) if need_w_out else None
-        da_scaled_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)
-        del dy_RH
-        d_weight = (da_scaled_RI.float() * act_RI.float()).sum(dim=1).to(weight_R.dtype) if need_weight else None
-        del act_RI
-        dh_RJ = activation_grad(h_RJ, da_scaled_RI * scale_R1, activation)
-        del da_scaled_RI, h_RJ
-        d_w_in = ops.wgrad(x_SH.index_select(0, row_R), dh_RJ, counts_E) if need_w_in else None
+        dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
+        da_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)  # dL/d(weight * act)
+        act_RI = activate(h_RJ, activation)
+        d_weight = (da_RI.float() * act_RI.float()).sum(dim=1).to(weight_R.dtype) if need_weight else None
+        d_w_out = ops.wgrad(act_RI.mul_(scale_R1), dy_RH, counts_E) if need_w_out else None
+        del act_RI, dy_RH
+        dh_RJ = activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
+        del da_RI, h_RJ
+        d_w_in = ops.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
         d_x = None
         if need_x:
-            d_x = torch.zeros_like(x_SH).index_add_(0, row_R, ops.mm(dh_RJ, w_in.transpose(1, 2), counts_E))
+            dx_RH = ops.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
+            d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
         return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None
 
 
