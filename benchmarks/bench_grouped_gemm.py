@@ -4,13 +4,13 @@ Projections of DeepSeek expert FFNs (hidden H, intermediate I):
 
 * ``up``   [T, H] x [E, H, 2I]   (gate and up projections in one GEMM)
 * ``down`` [T, I] x [E, I, H]
-* ``ffn``  the whole gathered SwiGLU FFN: ``fused_swiglu_ffn`` vs the same steps unfused
+* ``ffn``  the whole gathered SwiGLU FFN: ``moe_ep.expert_ffn`` (Triton, fused) vs the same steps unfused
 
 Methods per GEMM: ``triton`` (moe_ep.kernels.grouped_mm), ``torch_grouped_mm``
 (``torch._grouped_mm`` with ``offs = cumsum(counts)``, computed inside the timed call),
 ``loop`` (one matmul per expert, including the ``counts.tolist()`` it needs) and
 ``dense`` (one GEMM [T, K] x [K, N] of the same FLOPs). For ``ffn``: ``triton_fused``,
-``triton_unfused``, ``torch_unfused`` and ``dense`` (two dense GEMMs). Every rate is
+``triton_unfused``, ``torch_unfused`` and ``dense`` (two dense GEMMs and the activation). Every rate is
 also given as a ratio to the ``dense`` rate measured in the same run for the same
 shape and mode (forward, or forward+backward = 3x the forward FLOPs).
 
@@ -88,8 +88,8 @@ def make_step(forward, inputs: tuple, leaves: tuple, dy: torch.Tensor, mode: str
                 return (forward(*inputs),)
         return step
 
-    def step():
-        return torch.autograd.grad(forward(*inputs), leaves, dy)
+    def step():  # the dense bound uses no gate weight: its gradient is materialised as zeros
+        return torch.autograd.grad(forward(*inputs), leaves, dy, allow_unused=True, materialize_grads=True)
     return step
 
 
@@ -137,16 +137,21 @@ def gemm_steps(counts: list[int], k: int, n: int, dtype, device, mode: str):
 # ---------------------------------------------------------------- whole gathered SwiGLU FFN
 
 def ffn_forward(method: str, x_src, row_index, counts_E, w_gate_up, w_down, row_weight):
-    """fused_swiglu_ffn, or index_select + GEMM + SwiGLU + GEMM + gate weight with one GEMM method."""
+    """``moe_ep.expert_ffn`` on the Triton backend (gather, SwiGLU and gate weight fused into the first
+    GEMM, its own backward), or index_select + GEMM + SwiGLU + GEMM + gate weight + index_add with one
+    GEMM method and autograd."""
     if method == "triton_fused":
-        from moe_ep.kernels import fused_swiglu_ffn
-        return fused_swiglu_ffn(x_src, row_index, counts_E, w_gate_up, w_down, row_weight)
-    gemm = {"triton_unfused": "triton", "torch_unfused": "torch_grouped_mm", "dense": "dense",
-            "loop_unfused": "loop"}[method]
+        from moe_ep.expert_ffn import expert_ffn
+        return expert_ffn(x_src, row_index, counts_E, row_weight, w_gate_up, w_down, "swiglu", backend="triton")
+    gemm = {"triton_unfused": "triton", "torch_unfused": "torch_grouped_mm", "loop_unfused": "loop"}.get(method)
     inter = w_down.shape[-2]
+    if method == "dense":  # the bound: two GEMMs and the activation, no gather, gate weight or scatter
+        gu = x_src @ w_gate_up
+        return (F.silu(gu[:, :inter]) * gu[:, inter:]) @ w_down
     gu = gemm_forward(gemm, x_src.index_select(0, row_index), w_gate_up, counts_E)
     h = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return gemm_forward(gemm, h, w_down, counts_E) * row_weight[:, None].to(h.dtype)
+    y_RH = gemm_forward(gemm, h, w_down, counts_E) * row_weight[:, None].to(h.dtype)
+    return torch.zeros_like(x_src).index_add_(0, row_index, y_RH)
 
 
 def ffn_steps(counts: list[int], hidden: int, inter: int, dtype, device, mode: str):

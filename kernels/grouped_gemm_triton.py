@@ -6,8 +6,10 @@ Two kernels:
   sorted by expert. One program per (row tile, column tile); the row-tile grid
   is the upper bound ``cdiv(R, BLOCK_M) + E`` and every program finds its expert
   and rows from ``counts`` on the device (see ``tile_schedule``), programs past
-  the real work exit at once. Constexpr options fuse a row gather on load, a
-  SwiGLU epilogue and a per-row fp32 scale epilogue.
+  the real work exit at once. Constexpr options fuse a row gather on load, an
+  activation epilogue (SwiGLU over paired gate/up columns, or exact GELU), a
+  store of the pre-activation accumulators, and a per-row fp32 scale epilogue
+  applied after the activation.
 * ``_weight_grad_kernel``: ``dw[e] = a[rows_e]^T @ g[rows_e]``. One program per
   (expert, K tile, N tile) loops over the expert's rows with both operands
   masked on the row range; an expert with no rows stores an exact zero tile.
@@ -25,13 +27,23 @@ from .runtime import interpreting
 from .tile_schedule import dot_accumulate, expert_row_range, locate_row_tile, tile_offsets
 
 
+ACT_NONE, ACT_SWIGLU, ACT_GELU = 0, 1, 2
+ACTIVATIONS = {None: ACT_NONE, "swiglu": ACT_SWIGLU, "gelu": ACT_GELU}
+
+
+@triton.jit
+def _gelu(x):
+    """Exact GELU, ``x * Phi(x)`` with the erf form (torch's default)."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, counts_ptr, row_index_ptr, row_scale_ptr,
+    a_ptr, b_ptr, out_ptr, pre_ptr, counts_ptr, row_index_ptr, row_scale_ptr,
     num_experts, N, K,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on, stride_pm, stride_pn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GATHER: tl.constexpr, SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
+    GATHER: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
@@ -46,10 +58,11 @@ def _grouped_gemm_kernel(
         a_rows = rows
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
+    out_mask = row_ok[:, None] & col_ok[None, :]
     b_expert = b_ptr + expert * stride_be
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU:
+    if ACTIVATION == 1:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -59,16 +72,24 @@ def _grouped_gemm_kernel(
         b_mask = k_ok[:, None] & col_ok[None, :]
         b = tl.load(b_expert + tile_offsets(ks, cols, stride_bk, stride_bn), mask=b_mask, other=0.0)
         acc = dot_accumulate(a, b, acc, UPCAST, DOT_PRECISION)
-        if SWIGLU:
+        if ACTIVATION == 1:
             b_up = tl.load(b_expert + tile_offsets(ks, cols + N, stride_bk, stride_bn), mask=b_mask, other=0.0)
             acc_up = dot_accumulate(a, b_up, acc_up, UPCAST, DOT_PRECISION)
 
-    if SWIGLU:
+    if STORE_PRE:
+        pre_dtype = pre_ptr.dtype.element_ty
+        tl.store(pre_ptr + tile_offsets(rows, cols, stride_pm, stride_pn), acc.to(pre_dtype), mask=out_mask)
+        if ACTIVATION == 1:
+            tl.store(pre_ptr + tile_offsets(rows, cols + N, stride_pm, stride_pn), acc_up.to(pre_dtype),
+                     mask=out_mask)
+    if ACTIVATION == 1:
         acc = acc * tl.sigmoid(acc) * acc_up
+    if ACTIVATION == 2:
+        acc = _gelu(acc)
     if ROW_SCALE:
         acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + tile_offsets(rows, cols, stride_om, stride_on), acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=out_mask)
 
 
 @triton.jit
@@ -106,29 +127,41 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def launch_grouped_gemm(a, b, counts, out, config: BlockConfig, *, row_index=None, row_scale=None,
-                        swiglu=False):
-    """Fill ``out [R, N]`` with ``a[src(r)] @ b[e(r)]`` for rows sorted by expert; return ``out``.
+                        activation=None, pre_out=None):
+    """Fill ``out [R, N]`` with ``epilogue(a[src(r)] @ b[e(r)])`` for rows sorted by expert; return ``out``.
 
     ``a [S, K]`` and ``b [E, K, N or 2N]`` may have any strides. ``src(r) = row_index[r]``
     when ``row_index [R]`` is given, else ``r`` (then S == R). ``counts [E]`` (integer,
-    on the device, sum == R) gives the rows per expert. With ``swiglu`` ``b`` has 2N
-    columns and ``out = silu(a @ b[:, :N]) * (a @ b[:, N:])``; with ``row_scale [R]``
-    (fp32) each output row is multiplied by its scale before the cast.
+    on the device, sum == R) gives the rows per expert. ``activation``:
+
+    * None: ``out = a @ b``;
+    * ``"swiglu"``: ``b`` has 2N columns and ``out = silu(a @ b[:, :N]) * (a @ b[:, N:])``;
+    * ``"gelu"``: ``out = gelu(a @ b)`` (exact, erf form).
+
+    ``pre_out [R, N or 2N]`` (optional) receives the accumulators before the
+    activation (gate and up halves for SwiGLU), in its own dtype. With
+    ``row_scale [R]`` (fp32) each output row is multiplied by its scale after
+    the activation, before the cast.
     """
     rows, n = out.shape
     num_experts, k = b.shape[0], b.shape[1]
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"launch_grouped_gemm: unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
     if rows == 0 or n == 0:
         return out
+    pre_strides = (pre_out.stride(0), pre_out.stride(1)) if pre_out is not None else (0, 0)
     grid = (triton.cdiv(rows, config.block_m) + num_experts, triton.cdiv(n, config.block_n))
     _grouped_gemm_kernel[grid](
-        a, b, out, counts.contiguous(),
+        a, b, out, pre_out, counts.contiguous(),
         None if row_index is None else row_index.contiguous(),
         None if row_scale is None else row_scale.contiguous(),
         num_experts, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+        *pre_strides,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
-        GATHER=row_index is not None, SWIGLU=swiglu, ROW_SCALE=row_scale is not None,
+        GATHER=row_index is not None, ACTIVATION=ACTIVATIONS[activation], STORE_PRE=pre_out is not None,
+        ROW_SCALE=row_scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **_dot_flags(a.dtype),
     )

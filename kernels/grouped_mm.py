@@ -37,16 +37,21 @@ def _check_operands(x_TK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Ten
     check_counts(counts_E, w_EKN.shape[0], x_TK.device)
 
 
-def grouped_gemm(x_TK, w_EKN, counts_E, config=None):
-    """Forward product without autograd: a new [T, N] tensor in x's dtype."""
+def grouped_gemm(x_TK, w_EKN, counts_E, config=None, out=None):
+    """``out[r] = x[r] @ w[e(r)]`` without autograd, into ``out`` [T, N] or a new tensor in x's dtype."""
     num_rows, (num_experts, k, n) = x_TK.shape[0], w_EKN.shape
     config = config or choose_config(num_rows, num_experts, k, n, x_TK.dtype)
-    out_TN = x_TK.new_empty((num_rows, n))
+    out_TN = x_TK.new_empty((num_rows, n)) if out is None else out
     return triton_kernels().launch_grouped_gemm(x_TK, w_EKN, counts_E, out_TN, config)
 
 
-def weight_grad(x_TK, dy_TN, counts_E, like_EKN, config=None):
-    """``dW[e] = x[rows_e]^T @ dy[rows_e]`` as a new tensor shaped and strided like ``like_EKN``."""
+def weight_grad(x_TK, dy_TN, counts_E, like_EKN=None, config=None):
+    """``dW[e] = x[rows_e]^T @ dy[rows_e]`` (no autograd): a new [E, K, N] tensor.
+
+    Shaped and strided like ``like_EKN`` when given, else contiguous in x's dtype.
+    """
+    if like_EKN is None:
+        like_EKN = x_TK.new_empty((counts_E.shape[0], x_TK.shape[1], dy_TN.shape[1]))
     num_experts, k, n = like_EKN.shape
     config = config or choose_weight_grad_config(x_TK.shape[0], num_experts, k, n, x_TK.dtype)
     return triton_kernels().launch_weight_grad(x_TK, dy_TN, counts_E, torch.empty_like(like_EKN), config)

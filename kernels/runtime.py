@@ -30,7 +30,7 @@ def require_triton() -> None:
     """Raise a RuntimeError that says how to fix a missing Triton."""
     if not triton_available():
         raise RuntimeError(
-            "moe_ep.kernels needs Triton for grouped_mm / fused_swiglu_ffn, but `import triton` "
+            "moe_ep.kernels needs Triton for its kernels, but `import triton` "
             "fails here; install it with `pip install triton` (or the `moe_ep[triton]` extra)."
         )
 

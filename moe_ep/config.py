@@ -15,12 +15,13 @@ from typing import Any, Optional
 
 import torch
 
+from .activations import ACTIVATIONS
+from .expert_backend import BACKENDS as EXPERT_BACKENDS
+
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "device_limited", "node_limited")
-ACTIVATIONS = ("swiglu", "gelu")
 LOSS_SCOPES = ("sequence", "batch")
 DROP_POLICIES = ("affinity", "position")
-EXPERT_BACKENDS = ("auto", "triton", "torch", "loop")
 DISPATCHERS = ("auto", "flat", "hierarchical")
 _ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +97,9 @@ class MoEConfig:
         check_finite: raise on non-finite input (one host sync per forward).
         expert_backend: ``auto`` (Triton on CUDA, torch grouped mm on CPU,
             loop last), or force ``triton``, ``torch`` or ``loop``.
+        recompute_experts: keep no expert pre-activations for backward and
+            recompute them there (one extra grouped GEMM per layer in
+            backward, ``[R, J]`` less memory held per layer).
     """
 
     hidden_size: int = 64
@@ -136,6 +140,7 @@ class MoEConfig:
 
     check_finite: bool = False
     expert_backend: str = "auto"
+    recompute_experts: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,86 +1,155 @@
-"""One grouped matmul for every expert projection, with three backends.
+"""Grouped products of the expert FFN, with three backends.
 
-    grouped_matmul(x_RK, w_EKN, counts_E)[r] = x_RK[r] @ w_EKN[e(r)]
+Rows are sorted by expert; expert e owns ``counts_E[e]`` consecutive rows.
+Every backend provides the three products ``moe_ep.expert_ffn`` needs:
 
-where rows are sorted by expert and expert e owns ``counts_E[e]`` consecutive
-rows. Backends:
+    pre(x_S, row_R, counts, w_in)              -> h_R = x_S[row_R] @ w_in[e(r)]
+    up(x_S, row_R, counts, w_in, act, scale_R) -> a_R = scale_R * act(h_R), and h_R if kept
+    mm(x_R, w, counts)[r]                      =  x_R[r] @ w[e(r)]        (any weight strides)
+    wgrad(x_R, dy_R, counts)[e]                =  x_e^T @ dy_e            (zeros for empty experts)
 
-* ``triton``: ``moe_ep.kernels.grouped_mm`` (CUDA; the interpreter on CPU);
+``workspace`` / ``out`` arguments name an ``[R, H]`` buffer the caller no
+longer needs: backends that can write into it do (the gathered rows of
+``pre``/``up``, the output of ``mm``), others ignore it. On CPU this matters:
+a fresh buffer over glibc's 32 MiB mmap threshold is new pages on every call
+(measured: a fresh 48 MiB ``index_select`` costs 33 ms, into an existing
+buffer 6 ms).
+
+* ``triton``: ``moe_ep.kernels`` (CUDA; the interpreter on CPU). ``up`` is one
+  fused launch: the gather happens on load, the activation and the gate
+  weight in the epilogue, and ``h`` is stored only when it is kept.
 * ``torch``: ``torch._grouped_mm`` (fp32/fp16/bf16, 16-byte aligned strides);
-* ``loop``: one matmul per contiguous segment; needs the counts on the host.
+  ``up`` gathers with ``index_select`` first.
+* ``loop``: one matmul per expert; reads the counts on the host.
 
 ``auto`` picks Triton on CUDA, torch on CPU when the dtype and strides allow,
-and the loop otherwise.
+and the loop otherwise (including empty batches, which ``torch._grouped_mm``
+rejects).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .activations import activate
+
+BACKENDS = ("auto", "triton", "torch", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    ``torch._grouped_mm``'s backward rejects expanded gradients (e.g. from
-    ``y.sum()``), which have zero strides.
-    """
-
-    @staticmethod
-    def forward(ctx, y):
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+def _aligned(t: torch.Tensor) -> bool:
+    """Every non-unit stride and the innermost extent are 16-byte multiples."""
+    size = t.element_size()
+    return all(s == 1 or (s * size) % 16 == 0 for s in t.stride()) and (t.shape[-1] * size) % 16 == 0
 
 
-def _torch_grouped_mm_ok(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
-    if x_RK.dtype not in _GROUPED_MM_DTYPES or w_EKN.dtype != x_RK.dtype:
+def _torch_grouped_mm_ok(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+    if x.dtype not in _GROUPED_MM_DTYPES or any(w.dtype != x.dtype for w in weights):
         return False
-    size = x_RK.element_size()
-    # Unit strides are fine; every other stride (and the output row) must be 16-byte aligned.
-    return all(s == 1 or (s * size) % 16 == 0
-               for s in (x_RK.stride(0), w_EKN.stride(1), w_EKN.stride(2), w_EKN.shape[-1]))
+    # Forward and backward also multiply by the transposed weights and produce [R, dim] rows of every width.
+    return _aligned(x) and all(_aligned(w) and _aligned(w.transpose(1, 2)) for w in weights)
 
 
-def resolve_backend(requested: str, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> str:
-    """The backend ``grouped_matmul`` will use for these operands."""
-    if requested in ("auto", "torch") and x_RK.shape[0] == 0:
-        return "loop"  # torch._grouped_mm's backward rejects empty operands
+def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_rows: Optional[int] = None) -> str:
+    """The backend that will run products of ``x`` (source rows) with ``weights`` ([E, in, out] each).
+
+    ``n_rows``: the number of (gathered) rows multiplied, when it differs from ``x``'s.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown expert backend {requested!r}; choose from {BACKENDS}")
+    if requested in ("auto", "torch") and (x.shape[0] if n_rows is None else n_rows) == 0:
+        return "loop"  # torch._grouped_mm rejects empty operands
     if requested != "auto":
         return requested
-    if x_RK.is_cuda:
+    if x.is_cuda:
         from .kernels import triton_available
         if triton_available():
             return "triton"
-    if _torch_grouped_mm_ok(x_RK, w_EKN):
+    if _torch_grouped_mm_ok(x, weights):
         return "torch"
     return "loop"
 
 
-def _loop_grouped_mm(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    segments = torch.split(x_RK, counts_E.tolist())
-    outs = [seg @ w_EKN[e] for e, seg in enumerate(segments)]
-    if not outs:
-        return x_RK.new_zeros(0, w_EKN.shape[-1])
-    return torch.cat(outs)
+class _GatherThenUp:
+    """``up`` and ``pre`` for backends without a fused kernel: gather the rows, then multiply."""
+
+    def pre(self, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
+            workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_RH = torch.index_select(x_SH, 0, row_R, out=workspace) if workspace is not None \
+            else x_SH.index_select(0, row_R)
+        return self.mm(x_RH, w_in, counts_E)
+
+    def up(self, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
+           activation: str, scale_R: torch.Tensor, keep_pre: bool,
+           workspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h_RJ = self.pre(x_SH, row_R, counts_E, w_in, workspace)
+        a_RI = activate(h_RJ, activation).mul_(scale_R[:, None])
+        return a_RI, (h_RJ if keep_pre else None)
 
 
-def grouped_matmul(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor,
-                   backend: str = "auto") -> torch.Tensor:
-    """``[R, K] x [E, K, N] -> [R, N]``, each expert's rows times its weight."""
-    if x_RK.shape[-1] != w_EKN.shape[1]:
-        raise ValueError(f"grouped_matmul: x has K={x_RK.shape[-1]} but w has K={w_EKN.shape[1]}")
-    if counts_E.numel() != w_EKN.shape[0]:
-        raise ValueError(f"grouped_matmul: {counts_E.numel()} counts for {w_EKN.shape[0]} experts")
-    chosen = resolve_backend(backend, x_RK, w_EKN)
-    if chosen == "triton":
-        from .kernels import grouped_mm
-        return grouped_mm(x_RK, w_EKN, counts_E)
-    if chosen == "torch":
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_RK, w_EKN, offs=offs_E))
-    if chosen == "loop":
-        return _loop_grouped_mm(x_RK, w_EKN, counts_E)
-    raise ValueError(f"grouped_matmul: unknown backend {backend!r}")
+class LoopOps(_GatherThenUp):
+    """One ``torch.mm`` per expert (host reads of the counts)."""
+
+    def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out_RN = x_RK.new_empty(x_RK.shape[0], w_EKN.shape[-1]) if out is None else out
+        for e, (x_e, out_e) in enumerate(zip(x_RK.split(counts_E.tolist()), out_RN.split(counts_E.tolist()))):
+            torch.mm(x_e, w_EKN[e], out=out_e)
+        return out_RN
+
+    def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dw_EKN = x_RK.new_empty(counts_E.numel(), x_RK.shape[1], dy_RN.shape[1])
+        for e, (x_e, dy_e) in enumerate(zip(x_RK.split(counts_E.tolist()), dy_RN.split(counts_E.tolist()))):
+            torch.mm(x_e.t(), dy_e, out=dw_EKN[e])
+        return dw_EKN
+
+
+class TorchOps(_GatherThenUp):
+    """``torch._grouped_mm`` with int32 offsets (no host sync).
+
+    On CPU the weight gradient is the per-expert loop: ``torch._grouped_mm``'s
+    ``[K, R] x [R, N]`` form ran about 1.2x slower than the loop there (64 experts
+    of 384 rows, 512 x 256; /tmp-free measurement in docs/performance.md), and a
+    host read of the counts costs nothing on CPU.
+    """
+
+    @staticmethod
+    def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(counts_E, 0).to(torch.int32)
+
+    def mm(self, x_RK, w_EKN, counts_E, out=None):
+        return torch._grouped_mm(x_RK, w_EKN, offs=self._offsets(counts_E))  # no out= variant
+
+    def wgrad(self, x_RK, dy_RN, counts_E):
+        if x_RK.device.type == "cpu":
+            return _OPS["loop"].wgrad(x_RK, dy_RN, counts_E)
+        return torch._grouped_mm(x_RK.t(), dy_RN, offs=self._offsets(counts_E))
+
+
+class TritonOps:
+    """``moe_ep.kernels``: gather on load (+ activation + gate weight) launches, grouped GEMM, weight gradient."""
+
+    def mm(self, x_RK, w_EKN, counts_E, out=None):
+        from .kernels import grouped_gemm
+        return grouped_gemm(x_RK, w_EKN, counts_E, out=out)
+
+    def wgrad(self, x_RK, dy_RN, counts_E):
+        from .kernels import weight_grad
+        return weight_grad(x_RK, dy_RN, counts_E)
+
+    def pre(self, x_SH, row_R, counts_E, w_in, workspace=None):  # gathers on load: no buffer
+        from .kernels import gathered_grouped_gemm
+        return gathered_grouped_gemm(x_SH, row_R, counts_E, w_in)
+
+    def up(self, x_SH, row_R, counts_E, w_in, activation, scale_R, keep_pre, workspace=None):
+        from .kernels import gathered_up_projection
+        return gathered_up_projection(x_SH, row_R, counts_E, w_in, activation, scale_R.float(), store_pre=keep_pre)
+
+
+_OPS = {"triton": TritonOps(), "torch": TorchOps(), "loop": LoopOps()}
+
+
+def grouped_ops(requested: str, x_SH: torch.Tensor, n_rows: int, *weights: torch.Tensor):
+    """The ops object of the backend ``resolve_backend`` picks for ``n_rows`` rows gathered from ``x_SH``."""
+    return _OPS[resolve_backend(requested, x_SH, *weights, n_rows=n_rows)]

@@ -18,19 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .expert_backend import grouped_matmul
-
-
-def activate(h_RJ: torch.Tensor, activation: str) -> torch.Tensor:
-    """SwiGLU on ``[gate | up]`` halves, or GELU."""
-    if activation == "swiglu":
-        gate, up = h_RJ.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h_RJ)
+from .expert_ffn import expert_ffn
 
 
 class RoutedExperts(nn.Module):
-    """``num_local_experts`` experts of width I, applied to expert-sorted rows."""
+    """``num_local_experts`` experts of width I, applied to gathered, expert-sorted rows.
+
+    ``recompute`` (``MoEConfig.recompute_experts``): keep no pre-activations
+    for backward and recompute them there (activation checkpointing of the
+    routed experts only).
+    """
 
     def __init__(self, config: MoEConfig, num_local_experts: int):
         super().__init__()
@@ -38,18 +35,22 @@ class RoutedExperts(nn.Module):
         J = 2 * I if config.activation == "swiglu" else I
         self.activation = config.activation
         self.backend = config.expert_backend
+        self.recompute = config.recompute_experts
         self.num_local_experts = num_local_experts
         self.w_in = nn.Parameter(torch.empty(num_local_experts, H, J))
         self.w_out = nn.Parameter(torch.empty(num_local_experts, I, H))
         nn.init.normal_(self.w_in, std=H ** -0.5)
         nn.init.normal_(self.w_out, std=I ** -0.5)
 
-    def forward(self, x_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x_RH`` sorted by local expert, ``counts_E`` rows each -> ``[R, H]``."""
-        w_in = self.w_in.to(x_RH.dtype)
-        w_out = self.w_out.to(x_RH.dtype)
-        h_RJ = grouped_matmul(x_RH, w_in, counts_E, self.backend)
-        return grouped_matmul(activate(h_RJ, self.activation), w_out, counts_E, self.backend)
+    def forward(self, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor,
+                weight_R: torch.Tensor) -> torch.Tensor:
+        """``y_S[s] = sum_{r : row_R[r] = s} weight_R[r] * FFN_{e(r)}(x_S[s])`` (``moe_ep.expert_ffn``).
+
+        ``row_R`` lists the source row of each (row, expert) pair sorted by
+        local expert, ``counts_E`` pairs per expert; returns ``[S, H]``.
+        """
+        return expert_ffn(x_SH, row_R, counts_E, weight_R, self.w_in.to(x_SH.dtype), self.w_out.to(x_SH.dtype),
+                          self.activation, self.backend, self.recompute)
 
 
 class SharedExperts(nn.Module):

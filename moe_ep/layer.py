@@ -18,6 +18,7 @@ from torch import nn
 from .balance import RoutingStats, aux_loss, global_counts, routing_stats
 from .config import MoEConfig
 from .dispatch import make_dispatcher
+from .dispatch.side_stream import SideStream
 from .dropping import DropRule, PairKeys, protected_sequences
 from .experts import RoutedExperts, SharedExperts
 from .parallel.state import ParallelState
@@ -66,6 +67,7 @@ class MoELayer(nn.Module):
         self.experts = RoutedExperts(config, E // parallel.ep_size)
         self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
         self.dispatcher = make_dispatcher(config.dispatcher, parallel, E)
+        self.side_stream = SideStream()
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.aux_loss: torch.Tensor = torch.zeros(())
@@ -86,10 +88,14 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TH)
         rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
-        overlap = (lambda: self.shared_experts(x_TH)) if self.shared_experts is not None else None
+        overlap = None
+        if self.shared_experts is not None:  # on a GPU: a side stream, joined before the sum
+            overlap = lambda: self.side_stream.launch(self.shared_experts, x_TH)  # noqa: E731
         result = self.dispatcher(x_TH, routing.topk_idx_TK, routing.topk_weight_TK, keys, rule,
                                  self.experts, overlap)
-        y_TH = result.y_TH if result.overlap_out is None else result.y_TH + result.overlap_out
+        y_TH = result.y_TH
+        if result.overlap_out is not None:
+            y_TH = y_TH + self.side_stream.join(result.overlap_out)
 
         counts = global_counts(routing, result.keep_TK, result.processed_pairs, n_seq, self.n_devices,
                                self.parallel)

@@ -1,6 +1,17 @@
-"""Shared test setup: every test starts from the same RNG state, on CPU, single-threaded-deterministic."""
+"""Shared test setup: every test starts from the same RNG state.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET
+must be set before Triton decorates them, and ``moe_ep.kernels`` imports Triton
+only on first launch, so setting it here (at collection) is early enough. It is
+never overridden when set explicitly, and spawned workers inherit it.
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -113,20 +113,34 @@ def test_output_is_shared_plus_gated_experts_without_residual():
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg_kw", [BASE, dict(BASE, num_experts_per_tok=3, topk_method="device_limited", n_group=4,
-                                               topk_group=2, device_capacity_factor=1.0, protected_seq_frac=0.5)],
-                         ids=["greedy", "v2_dropping"])
-def test_torch_grouped_mm_and_loop_backends_agree(cfg_kw):
+BACKEND_CASES = {
+    "greedy_swiglu": BASE,
+    "v2_dropping_swiglu": dict(BASE, num_experts_per_tok=3, topk_method="device_limited", n_group=4, topk_group=2,
+                               device_capacity_factor=1.0, protected_seq_frac=0.5),
+    "gelu_expert_capacity_recompute": dict(BASE, activation="gelu", expert_capacity_factor=1.0,
+                                           recompute_experts=True),
+}
+
+
+@pytest.mark.parametrize("other", ["loop", "triton"])
+@pytest.mark.parametrize("case", sorted(BACKEND_CASES))
+def test_expert_backends_agree_with_torch(case, other):
+    """Outputs, input gradient and every parameter gradient; Triton runs in its interpreter on CPU."""
+    if other == "triton":
+        pytest.importorskip("triton")
+    cfg_kw = BACKEND_CASES[case]
     torch_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend="torch"))
-    loop_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend="loop"))
-    loop_layer.load_state_dict(torch_layer.state_dict())
+    other_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend=other))
+    other_layer.load_state_dict(torch_layer.state_dict())
     x = torch.randn(4, 9, 16)
     outs, grads = [], []
-    for layer in (torch_layer, loop_layer):
-        y = layer(x)
+    for layer in (torch_layer, other_layer):
+        x_leaf = x.clone().requires_grad_()
+        y = layer(x_leaf)
         y.square().sum().backward()
         outs.append(y.detach())
-        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+        grads.append({"input": x_leaf.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}})
+    assert other_layer.last_stats.dropped_pairs == torch_layer.last_stats.dropped_pairs
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5), name

@@ -35,13 +35,12 @@ def apply_experts(x_SH: torch.Tensor, src_R: torch.Tensor, expert_R: torch.Tenso
 
         y_S[s] = sum_{r : src_R[r] = s} FFN_{expert_R[r]}(x_S[s]) * weight_R[r]
 
-    Rows are stably sorted by (local) expert before the grouped matmul.
+    The pairs are stably sorted by (local) expert; the experts read their rows
+    of ``x_SH`` through that index (no gathered copy is kept for backward).
     """
     order_R = torch.argsort(expert_R, stable=True)
     counts_E = torch.bincount(expert_R, minlength=experts.num_local_experts)
-    src_sorted = src_R[order_R]
-    y_RH = experts(x_SH[src_sorted], counts_E) * weight_R[order_R, None].to(x_SH.dtype)
-    return torch.zeros_like(x_SH).index_add_(0, src_sorted, y_RH)
+    return experts(x_SH, src_R[order_R], counts_E, weight_R[order_R])
 
 
 class LocalDispatcher:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from ..dropping import DropRule, PairKeys
 from .local import apply_experts
@@ -141,7 +141,10 @@ def run_received(x_recv: torch.Tensor, route_recv: torch.Tensor, K: int, experts
     """Expand received rows to (row, local expert) pairs and run ``apply_experts``.
 
     Returns the weighted sums per received row and the number of pairs computed.
+    The received buffers become plain tensors first (kernels read their data
+    pointers; ``wait_tensor`` keeps autograd, an ``AsyncCollectiveTensor`` does not expose them).
     """
+    x_recv, route_recv = wait_tensor(x_recv), wait_tensor(route_recv)
     weight_SK, local_SK = split_route(route_recv, K)
     src_P, slot_P = (local_SK >= 0).nonzero(as_tuple=True)
     y_recv = apply_experts(x_recv, src_P, local_SK[src_P, slot_P], weight_SK[src_P, slot_P], experts)

@@ -213,7 +213,7 @@ class DeepSpeedMoE(MoE):
     def __deepcopy__(self, memo: dict) -> "DeepSpeedMoE":
         # Process groups cannot be copied: the copy shares the layer's ParallelState and dispatcher
         # (handles to the same groups, no tensors).
-        for shared in (self.moe.parallel, self.moe.dispatcher, self.moe.parallel.ep_group,
+        for shared in (self.moe.parallel, self.moe.dispatcher, self.moe.side_stream, self.moe.parallel.ep_group,
                        self.moe.parallel.edp_group, self.moe.parallel.world_group, self.moe.parallel.mesh):
             if shared is not None:
                 memo[id(shared)] = shared

@@ -19,10 +19,12 @@ def grouped_mm_reference(x_TK: torch.Tensor, w_EKN: torch.Tensor, counts: list[i
     return torch.cat(parts) if parts else x_TK.new_zeros((0, w_EKN.shape[2]))
 
 
-def swiglu_ffn_reference(x_src, row_index, counts: list[int], w_gate_up, w_down, row_weight):
-    """Unfused float64 SwiGLU expert FFN: row_weight * (silu(g) * u) @ w_down (differentiable)."""
-    inter = w_down.shape[1]
-    x_RH = x_src.double()[row_index.long()]
-    gu = grouped_mm_reference(x_RH, w_gate_up, counts)
-    h = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return row_weight.double()[:, None] * grouped_mm_reference(h, w_down, counts)
+def up_projection_reference(x_src, row_index, counts: list[int], w_in, activation: str, row_scale=None):
+    """float64 ``(a, h)``: ``h = x_src[row_index] @ w_in[e]``, ``a = row_scale * act(h)`` (differentiable)."""
+    h = grouped_mm_reference(x_src.double()[row_index.long()], w_in, counts)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate) * up
+    else:
+        a = F.gelu(h)
+    return (a if row_scale is None else row_scale.double()[:, None] * a), h

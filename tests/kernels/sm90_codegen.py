@@ -25,13 +25,19 @@ def _compile(fn, runtime_args: dict, constexprs: dict):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": STAGES})
 
 
-def forward_kernel(gather=False, swiglu=False, row_scale=False, transposed_w=False):
+def forward_kernel(gather=False, activation=None, row_scale=False, store_pre=False, transposed_w=False):
     runtime = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "counts_ptr": "*i64",
                "num_experts": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_be": "i32",
                "stride_om": "i32", ("stride_bn" if transposed_w else "stride_bk"): "i32"}
     const = {"stride_ak": 1, "stride_on": 1, ("stride_bk" if transposed_w else "stride_bn"): 1,
              "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "BLOCK_E": 8,
-             "GATHER": gather, "SWIGLU": swiglu, "ROW_SCALE": row_scale, "UPCAST": False, "DOT_PRECISION": None}
+             "GATHER": gather, "ACTIVATION": kernels.ACTIVATIONS[activation], "STORE_PRE": store_pre,
+             "ROW_SCALE": row_scale, "UPCAST": False, "DOT_PRECISION": None}
+    if store_pre:
+        runtime.update(pre_ptr="*bf16", stride_pm="i32")
+        const["stride_pn"] = 1
+    else:
+        const.update(pre_ptr=None, stride_pm=0, stride_pn=0)
     for name, used, kind in (("row_index_ptr", gather, "*i64"), ("row_scale_ptr", row_scale, "*fp32")):
         if used:
             runtime[name] = kind
@@ -53,8 +59,11 @@ def weight_grad_kernel():
 VARIANTS = {
     "forward": (forward_kernel, BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_N),
     "forward_transposed_w": (lambda: forward_kernel(transposed_w=True), BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_N),
-    "forward_gather_swiglu": (lambda: forward_kernel(gather=True, swiglu=True),
-                              BLOCK_M * BLOCK_K + 2 * BLOCK_K * BLOCK_N),
+    "forward_gather_swiglu_scale_pre": (
+        lambda: forward_kernel(gather=True, activation="swiglu", row_scale=True, store_pre=True),
+        BLOCK_M * BLOCK_K + 2 * BLOCK_K * BLOCK_N),
+    "forward_gather_gelu_scale": (lambda: forward_kernel(gather=True, activation="gelu", row_scale=True),
+                                  BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_N),
     "forward_row_scale": (lambda: forward_kernel(row_scale=True), BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_N),
     "weight_grad": (weight_grad_kernel, BLOCK_K * BLOCK_M + BLOCK_M * BLOCK_N),
 }

@@ -17,7 +17,8 @@ pytest.importorskip("triton", reason="moe_ep.kernels needs Triton (pip install t
 
 pytestmark = pytest.mark.timeout(180)
 
-VARIANTS = ["forward", "forward_transposed_w", "forward_gather_swiglu", "forward_row_scale", "weight_grad"]
+VARIANTS = ["forward", "forward_transposed_w", "forward_gather_swiglu_scale_pre", "forward_gather_gelu_scale",
+            "forward_row_scale", "weight_grad"]
 
 
 @pytest.fixture(scope="module")

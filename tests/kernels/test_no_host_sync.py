@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="moe_ep.kernels needs Triton (pip install triton)")
 
-from moe_ep.kernels import BlockConfig, fused_swiglu_ffn, grouped_mm  # noqa: E402
+from moe_ep.kernels import BlockConfig, gathered_up_projection, grouped_mm  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,13 +44,13 @@ def test_grouped_mm_forward_and_backward(device):
     assert x_TK.grad is not None and w_EKN.grad is not None
 
 
-def test_fused_swiglu_ffn_forward(device):
+def test_gathered_up_projection(device):
     counts_E = torch.tensor([5, 0, 20, 7], device=device)
     x_src = torch.randn(40, 24, device=device)
     row_index = torch.randperm(40, device=device)[:32]
-    w_gate_up = torch.randn(4, 24, 32, device=device)
-    w_down = torch.randn(4, 16, 24, device=device)
+    w_in = torch.randn(4, 24, 32, device=device)
     row_weight = torch.rand(32, device=device)
     with _no_host_reads(device):
-        out = fused_swiglu_ffn(x_src, row_index, counts_E, w_gate_up, w_down, row_weight, config=CONFIG)
-    assert out.shape == (32, 24)
+        out, pre = gathered_up_projection(x_src, row_index, counts_E, w_in, "swiglu", row_weight, store_pre=True,
+                                          config=CONFIG)
+    assert out.shape == (32, 16) and pre.shape == (32, 32)

@@ -41,14 +41,16 @@ def _batch_sizes(case: dict, world: int) -> list[int]:
 
 def run_case(rank: int, world: int, case: dict) -> dict:
     """Compare one configuration; returns max errors (asserted by the caller and here)."""
-    # The reference must use the same D device groups as the sharded layer.
+    # The reference must use the same D device groups as the sharded layer; ``reference_overrides``
+    # changes fields of the reference only (e.g. another expert backend).
     cfg = MoEConfig(**{"device_groups": case["ep_size"], **case["config"]})
+    ref_cfg = cfg.replace(**case.get("reference_overrides", {}))
     state = _state(case["ep_size"], case.get("nodes"))
     seq_len, H = case.get("seq_len", 8), cfg.hidden_size
     sizes = _batch_sizes(case, world)
 
     torch.manual_seed(1234)
-    ref = MoELayer(cfg).double() if case.get("double") else MoELayer(cfg)
+    ref = MoELayer(ref_cfg).double() if case.get("double") else MoELayer(ref_cfg)
     if cfg.aux_free_bias:
         ref.router.e_score_correction_bias.uniform_(-0.05, 0.05)
     dtype = torch.float64 if case.get("double") else torch.float32

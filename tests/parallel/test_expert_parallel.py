@@ -78,6 +78,17 @@ def test_node_limited_two_emulated_nodes():
         assert stats["dest_ranks_per_token_max"] <= 2
 
 
+def test_triton_backend_at_ep2_equals_single_process_torch():
+    """The fused Triton expert path (interpreter on CPU) at ep 2 against the single-process torch backend."""
+    pytest.importorskip("triton")
+    cases = [dict(name=name, config=dict(cfg, expert_backend="triton"), ep_size=2,
+                  reference_overrides=dict(expert_backend="torch"))
+             for name, cfg in (("greedy_swiglu", GREEDY), ("v2_dropping_swiglu", V2_DROPPING),
+                               ("gelu_recompute", dict(GREEDY, activation="gelu", recompute_experts=True)))]
+    results = run_on_ranks(run_cases, 2, cases, timeout=240)
+    assert all(len(rank_results) == 3 for rank_results in results)
+
+
 def test_dropping_cases_drop_something():
     """The dropping configurations above are not vacuous: pairs are dropped in training."""
     cases = [dict(name=n, config=c, ep_size=2) for n, c in

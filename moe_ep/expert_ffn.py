@@ -1,0 +1,112 @@
+"""The routed experts' FFN over gathered rows: one autograd function for every backend.
+
+For rows ``r`` sorted by expert (expert ``e`` owns ``counts_E[e]`` consecutive
+rows), each reading source row ``row_R[r]`` of ``x_SH`` with gate weight
+``weight_R[r]``:
+
+    h_r   = x_S[row_r] W_in[e(r)]                         [R, J]  pre-activation
+    a_r   = weight_r * act(h_r)                           [R, I]
+    y_S   = sum over r with row_r = s of  a_r W_out[e(r)]  [S, H]
+
+``act`` is SwiGLU over the ``[gate | up]`` halves of ``h`` (J = 2I; DeepSeek)
+or exact GELU (J = I; classic MoE). The gate weight is applied to the narrow
+activation rather than the ``[R, H]`` output (the same product), and the rows
+are summed per source row inside the function, so no ``[R, H]`` tensor
+outlives the forward.
+
+Saved for backward: ``x_SH`` (the caller's tensor, typically the receive
+buffer), the indices, the gate weights, the weights and ``h`` unless
+``recompute`` (then ``h`` is recomputed: one extra grouped GEMM, the routed
+experts' activation checkpointing). Backward, with ``dY_R = dY_S[row]``:
+
+    dW_out[e] = a_e^T dY_e                  dA~ = dY_R W_out^T
+    d weight_r = <dA~_r, act(h_r)>          dh = act'(h) (weight * dA~)
+    dW_in[e]  = x_e^T dh_e                  dx_S = index_add over row of dh W_in^T
+
+The grouped products come from the backend (``moe_ep.expert_backend``):
+Triton fuses the gather, the activation and the gate weight into the first
+GEMM; torch and the loop gather with ``index_select`` first. Each pass
+allocates one ``[R, H]`` workspace and reuses it for every ``[R, H]`` step
+(forward: the gathered rows, then the outputs; backward: ``dY_R``, the
+re-gathered rows, then ``dx_R``), so at most one such buffer is alive.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .activations import ACTIVATIONS, activate, activation_grad
+from .expert_backend import grouped_ops
+
+
+class _ExpertFFN(torch.autograd.Function):
+    # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
+    @staticmethod
+    def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
+        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered rows, then the outputs
+        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=not recompute,
+                            workspace=rows_RH)
+        y_RH = ops.mm(a_RI, w_out, counts_E, out=rows_RH)
+        del a_RI
+        y_SH = x_SH.new_zeros(x_SH.shape).index_add_(0, row_R, y_RH)
+        ctx.save_for_backward(x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ)
+        ctx.ops, ctx.activation = ops, activation
+        return y_SH
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_SH):
+        x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
+        ops, activation = ctx.ops, ctx.activation
+        need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
+        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered dY, x, then dx rows
+        if h_RJ is None:  # recompute: the routed experts' activation checkpointing
+            h_RJ = ops.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
+        scale_R1 = weight_R[:, None]
+
+        dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
+        da_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)  # dL/d(weight * act)
+        act_RI = activate(h_RJ, activation)
+        d_weight = (da_RI.float() * act_RI.float()).sum(dim=1).to(weight_R.dtype) if need_weight else None
+        d_w_out = ops.wgrad(act_RI.mul_(scale_R1), dy_RH, counts_E) if need_w_out else None
+        del act_RI, dy_RH
+        dh_RJ = activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
+        del da_RI, h_RJ
+        d_w_in = ops.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
+        d_x = None
+        if need_x:
+            dx_RH = ops.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
+            d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
+        return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None
+
+
+def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor,
+               w_in: torch.Tensor, w_out: torch.Tensor, activation: str, backend: str = "auto",
+               recompute: bool = False) -> torch.Tensor:
+    """``y_S`` of the module docstring; differentiable in x_SH, weight_R, w_in and w_out.
+
+    Args:
+        x_SH: [S, H] source rows (any order).
+        row_R: [R] int64 source row of each expert-sorted row (repeats allowed).
+        counts_E: [E] int64 rows per expert (sum R), on x's device.
+        weight_R: [R] gate weight of each row (any float dtype; its gradient keeps it).
+        w_in: [E, H, J]; w_out: [E, I, H], in x's dtype.
+        activation: ``swiglu`` or ``gelu``.
+        backend: ``auto`` | ``triton`` | ``torch`` | ``loop`` (``moe_ep.expert_backend``).
+        recompute: do not keep the pre-activations for backward; recompute them.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert_ffn: unknown activation {activation!r}; choose from {ACTIVATIONS}")
+    E, H, J = w_in.shape
+    I = w_out.shape[1]
+    if x_SH.dim() != 2 or x_SH.shape[1] != H or w_out.shape != (E, I, H) \
+            or J != (2 * I if activation == "swiglu" else I):
+        raise ValueError(f"expert_ffn: shapes do not match: x {tuple(x_SH.shape)}, w_in {tuple(w_in.shape)}, "
+                         f"w_out {tuple(w_out.shape)} ({activation})")
+    if counts_E.shape != (E,) or row_R.dim() != 1 or row_R.shape != weight_R.shape:
+        raise ValueError(f"expert_ffn: expected counts [{E}] and row/weight [R], got counts "
+                         f"{tuple(counts_E.shape)}, row {tuple(row_R.shape)}, weight {tuple(weight_R.shape)}")
+    ops = grouped_ops(backend, x_SH, row_R.numel(), w_in, w_out)
+    return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
+
+
