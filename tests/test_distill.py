@@ -225,6 +225,18 @@ def test_distiller_rejects_a_dropping_teacher_and_other_vocabularies():
         Distiller(MoETransformerLM(cfg), MoETransformerLM(small("tiny-dense", vocab_size=300)))
     with pytest.raises(ValueError, match="dtype"):
         Distiller(MoETransformerLM(cfg), MoETransformerLM(cfg), teacher_dtype="float8")
+    with pytest.raises(ValueError, match="ep_size"):
+        Distiller(MoETransformerLM(cfg, ParallelState(ep_size=2)), MoETransformerLM(cfg))
+
+
+def test_teacher_and_student_dtypes():
+    d = _distiller(small(), small("tiny-dense", hidden_size=16, n_heads=1), teacher_dtype="bfloat16",
+                   student_dtype=torch.bfloat16)
+    assert {p.dtype for p in d.teacher.parameters()} == {p.dtype for p in d.student.parameters()} == {torch.bfloat16}
+    assert d.teacher.layers[0].attn.rope.cos_SD.dtype == torch.float32  # buffers keep their precision
+    batch = ids()
+    _, parts = d.train_step(batch[:, :-1], labels=batch[:, 1:])
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())
 
 
 def test_dense_preset_trains_checkpoints_and_loads_as_a_teacher(tmp_path, corpus_file):
@@ -269,12 +281,19 @@ def test_transformers_teacher_and_student(llama_dir, tmp_path):
     _, parts = d.train_step(batch[:, :-1], labels=batch[:, 1:])
     assert all(torch.isfinite(v) for v in parts.values())
 
-    d = Distiller(MoETransformerLM(small()), str(llama_dir), train_config=TrainConfig(warmup_steps=1))
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    byte_tokens = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(256)}, unk_token="<0>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_tokens, unk_token="<0>")
+    d = Distiller(MoETransformerLM(small()), str(llama_dir), tokenizer=tokenizer,
+                  train_config=TrainConfig(warmup_steps=1))
     d.train_step(batch[:, :-1], labels=batch[:, 1:])
     d.save_student(tmp_path / "student")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     with torch.no_grad():
         assert torch.equal(reloaded(batch[:, :-1]).logits, d.student(batch[:, :-1]))
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "student")) == 256
 
 
 # ------------------------------------------------------------------ expert parallelism

@@ -128,6 +128,9 @@ def load_lm(source: Union[str, Path, nn.Module], parallel: ParallelState, device
     """
     if isinstance(source, nn.Module):
         model = adapt(source)
+        if isinstance(model, MoETransformerLM) and model.parallel.ep_size != parallel.ep_size:
+            raise ValueError(f"distill: a model built at ep_size={model.parallel.ep_size} was passed to a run at "
+                             f"ep_size={parallel.ep_size}; build it with the run's ParallelState")
     elif (Path(source) / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
