@@ -25,9 +25,13 @@ from moe_ep.training.plots import save_figure
 
 CASES = {
     "a": dict(title="(a) dense student (tiny-dense), MoE teacher (tiny)", teacher="teacher_moe",
-              students={"labels only": "a_labels", "KD": "a_kd", "KD + hidden, attention, relation": "a_kd_features"}),
+              students={"labels only": "a_labels", "KD T=2": "a_kd", "KD T=1": "a_kd_T1",
+                        "KD T=2 + hidden, attention, relation": "a_kd_features",
+                        "labels only, seed 1": "a_labels_seed1",
+                        "KD T=2 + hidden, attention, relation, seed 1": "a_kd_features_seed1"}),
     "b": dict(title="(b) MoE student (tiny), dense teacher (tiny-dense)", teacher="teacher_dense",
-              students={"labels only": "b_labels", "KD": "b_kd"}),
+              students={"labels only": "b_labels", "KD T=2": "b_kd", "KD T=1": "b_kd_T1",
+                        "KD T=2 + hidden, attention, relation": "b_kd_features"}),
 }
 
 
@@ -77,7 +81,7 @@ def main() -> None:
                   f"{s['wall_seconds']} |")
         for name, s in students.items():
             steps = sorted(s["val_curve"])
-            ax.plot(steps, [s["val_curve"][k] for k in steps], "o-", markersize=3,
+            ax.plot(steps, [s["val_curve"][k] for k in steps], "o--" if "seed 1" in name else "o-", markersize=3,
                     label=f"{name}: {s['val_loss']:.3f}")
         ax.axhline(teacher["val_loss"], color="grey", linestyle="--",
                    label=f"teacher after {teacher['steps']} steps: {teacher['val_loss']:.3f}")

@@ -76,7 +76,7 @@ def plot_loss_parts(records: list[dict], path: Path) -> Path:
     for name in names:
         points = [(r["step"], r[name]) for r in records if name in r]
         if points:
-            ax.plot(*zip(*points), label="ce_loss (labels)" if name == "loss" else name)
+            ax.plot(*zip(*points), label="loss (labels)" if name == "loss" else name)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (interval mean)")

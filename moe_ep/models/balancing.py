@@ -41,8 +41,6 @@ class MoEBalancing:
         for layer in self.moe_layers():
             layer.update_bias()
 
-
-
     def parameter_counts(self) -> ParameterCounts:
         """Parameter counts of the global model, from any rank's shard.
 

@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .layers import CausalSelfAttention, DenseFFN, RMSNorm
 
 _EMBED_STD = 0.02
+_OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.w_out")
 
 
 @dataclass
@@ -45,7 +46,6 @@ class LMOutput:
     logits: torch.Tensor
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
     attentions: Optional[tuple[torch.Tensor, ...]] = None
-_OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.w_out")
 
 
 class Block(nn.Module):
@@ -75,7 +75,7 @@ def _generator(seed: int, *key) -> torch.Generator:
 
 
 class MoETransformerLM(MoEBalancing, nn.Module):
-    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal)."""
+    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``MoEBalancing`` gives the MoE helpers."""
 
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, seed: int = 0):
         super().__init__()
