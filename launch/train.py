@@ -23,9 +23,8 @@ import moe_ep
 from moe_ep.data import BatchSampler, load_corpus
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
+from moe_ep.training.cli import add_loop_arguments, loop_config
 from moe_ep.training.config import parse_field_overrides
-
-_DEFAULTS = TrainConfig()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,25 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
     p.add_argument("--nodes", type=int, default=None,
                    help="nodes one EP group spans (default: from LOCAL_WORLD_SIZE); set it to emulate nodes")
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps in total")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="sequences per rank per step")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max)")
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio, help="final lr / peak lr")
-    p.add_argument("--warmup", type=int, default=_DEFAULTS.warmup_steps, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max global grad norm; 0: off")
-    p.add_argument("--log-every", type=int, default=_DEFAULTS.log_every, help="steps between metrics records")
-    p.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
-    p.add_argument("--val-batches", type=int, default=_DEFAULTS.val_batches, help="validation batches per rank")
-    p.add_argument("--ckpt-every", type=int, default=_DEFAULTS.ckpt_every,
-                   help="steps between checkpoints; 0: none (default)")
-    p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
-    p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
+    add_loop_arguments(p, out_default=TrainConfig().out_dir)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
                    help="resume from OUT/ckpt's latest complete checkpoint, or from CKPT_DIR")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
-    p.add_argument("--out", default=_DEFAULTS.out_dir, help="output folder (metrics, plots, checkpoints)")
     return p.parse_args(argv)
 
 
@@ -78,11 +61,7 @@ def main(argv=None) -> None:
     rank = dist.get_rank() if parallel.distributed else 0
     base = ModelConfig.preset(args.preset)
     model_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len or model_cfg.max_seq_len,
-                      lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
-                      weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, log_every=args.log_every,
-                      val_every=args.val_every, ckpt_every=args.ckpt_every, val_batches=args.val_batches,
-                      seed=args.seed, out_dir=args.out)
+    cfg = loop_config(args, default_seq_len=model_cfg.max_seq_len)
     resume = latest_checkpoint(Path(args.out)) if args.resume == "latest" else args.resume
     if args.resume == "latest" and resume is None:
         raise SystemExit(f"--resume: no complete checkpoint under {args.out}/ckpt")

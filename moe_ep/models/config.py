@@ -6,6 +6,8 @@ first ``first_k_dense`` blocks use a dense SwiGLU FFN of width
 (whose ``hidden_size`` must equal ``hidden_size``). Presets:
 
 * ``tiny``: a byte-level model that trains in minutes on two CPU cores.
+* ``tiny-dense``: ``tiny`` with every block dense (``first_k_dense =
+  n_layers``, no MoE layer): the dense model of the same shape.
 * ``v2-lite-mini``: DeepSeek-V2-Lite's MoE structure (2 shared + 64 routed
   experts, 6 active, greedy softmax routing, alpha_1 = 0.001, first layer
   dense, untied embeddings) at width 256.
@@ -100,6 +102,11 @@ def _tiny() -> ModelConfig:
                        dense_intermediate_size=384, max_seq_len=128, tie_embeddings=True, moe=moe)
 
 
+def _tiny_dense() -> ModelConfig:
+    tiny = _tiny()
+    return tiny.replace(first_k_dense=tiny.n_layers)
+
+
 def _v2_lite_mini() -> ModelConfig:
     # V2-Lite: hidden 2048, dense FFN 10944, experts 1408 (2 shared + 64 routed, 6 active), 27 layers.
     moe = MoEConfig.preset("deepseek-v2-lite", hidden_size=256, moe_intermediate_size=176)
@@ -114,4 +121,4 @@ def _v3_mini() -> ModelConfig:
                        dense_intermediate_size=656, max_seq_len=256, tie_embeddings=False, moe=moe)
 
 
-MODEL_PRESETS = {"tiny": _tiny, "v2-lite-mini": _v2_lite_mini, "v3-mini": _v3_mini}
+MODEL_PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "v2-lite-mini": _v2_lite_mini, "v3-mini": _v3_mini}

@@ -4,6 +4,8 @@ Shapes: ``B`` batch, ``S`` sequence, ``H`` hidden, ``N`` heads, ``D`` head dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +50,13 @@ class RotaryEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with RoPE on queries and keys (torch SDPA)."""
+    """Multi-head causal self-attention with RoPE on queries and keys.
+
+    ``forward(x)`` uses torch SDPA and returns ``(out, None)``.
+    ``forward(x, output_attentions=True)`` computes the same attention with an
+    explicit softmax, ``P = softmax(q k^T / sqrt(D) + causal mask)`` in fp32,
+    and returns ``(out, P_BNSS)`` (rows sum to 1, zeros above the diagonal).
+    """
 
     def __init__(self, hidden_size: int, n_heads: int, max_seq_len: int, rope_theta: float):
         super().__init__()
@@ -58,11 +66,19 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor,
+                output_attentions: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, S, H = x_BSH.shape
         q, k, v = self.qkv_proj(x_BSH).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out_BNSD = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
-        return self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, H))
+        q, k = self.rope(q), self.rope(k)
+        if not output_attentions:
+            out_BNSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, H)), None
+        scores_BNSS = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        future_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSH.device).triu(1)
+        probs_BNSS = scores_BNSS.masked_fill(future_SS, float("-inf")).softmax(dim=-1)
+        out_BNSD = (probs_BNSS @ v.float()).to(v.dtype)
+        return self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, H)), probs_BNSS
 
 
 class DenseFFN(nn.Module):

@@ -22,7 +22,8 @@ from the loads routed since the previous call.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,21 @@ from torch import nn
 
 from ..layer import MoELayer
 from ..parallel.state import ParallelState
+from .balancing import MoEBalancing
 from .config import ModelConfig
 from .layers import CausalSelfAttention, DenseFFN, RMSNorm
 
 _EMBED_STD = 0.02
 _OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.w_out")
+
+
+@dataclass
+class LMOutput:
+    """What ``MoETransformerLM.forward`` returns when hidden states or attentions are asked for."""
+
+    logits: torch.Tensor
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
 
 
 class Block(nn.Module):
@@ -50,9 +61,12 @@ class Block(nn.Module):
         else:
             self.ffn = MoELayer(config.moe, parallel=parallel)
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH))
-        return x_BSH + self.ffn(self.ffn_norm(x_BSH))
+    def forward(self, x_BSH: torch.Tensor,
+                output_attentions: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(block output, attention probabilities ``[B, N, S, S]`` when ``output_attentions`` else None)."""
+        attn_out, probs_BNSS = self.attn(self.attn_norm(x_BSH), output_attentions)
+        x_BSH = x_BSH + attn_out
+        return x_BSH + self.ffn(self.ffn_norm(x_BSH)), probs_BNSS
 
 
 def _generator(seed: int, *key) -> torch.Generator:
@@ -60,8 +74,8 @@ def _generator(seed: int, *key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
-class MoETransformerLM(nn.Module):
-    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal)."""
+class MoETransformerLM(MoEBalancing, nn.Module):
+    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``MoEBalancing`` gives the MoE helpers."""
 
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, seed: int = 0):
         super().__init__()
@@ -99,26 +113,27 @@ class MoETransformerLM(nn.Module):
             else:
                 param.normal_(0.0, std, generator=_generator(seed, name))
 
-    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids_BS: torch.Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> Union[torch.Tensor, LMOutput]:
+        """Logits ``[B, S, vocab]``; an ``LMOutput`` instead when either flag is set.
+
+        ``hidden_states`` follows transformers' convention: the embedding
+        output, the output of blocks 1 .. L-1, then the final norm's output
+        (``n_layers + 1`` tensors). ``attentions`` holds each block's
+        probabilities ``[B, N, S, S]`` (explicit softmax, see
+        ``CausalSelfAttention``); SDPA runs when it is not asked for.
+        """
         h_BSH = self.embed(input_ids_BS)
+        hidden, attentions = [h_BSH], []
         for block in self.layers:
-            h_BSH = block(h_BSH)
+            h_BSH, probs_BNSS = block(h_BSH, output_attentions)
+            hidden.append(h_BSH)
+            attentions.append(probs_BNSS)
         h_BSH = self.norm(h_BSH)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h_BSH, weight)
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE FFNs, in depth order."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]  # also finds wrapped layers (DeepSpeed)
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' auxiliary losses of the last forward (global value, see balance.py)."""
-        total = self.embed.weight.new_zeros((), dtype=torch.float32)
-        for layer in self.moe_layers():
-            total = total + layer.aux_loss.float()
-        return total
-
-    def update_moe_bias(self) -> None:
-        """One aux-free bias step per MoE layer; call once per optimizer step."""
-        for layer in self.moe_layers():
-            layer.update_bias()
+        logits_BSV = F.linear(h_BSH, weight)
+        if not (output_hidden_states or output_attentions):
+            return logits_BSV
+        hidden[-1] = h_BSH
+        return LMOutput(logits=logits_BSV, hidden_states=tuple(hidden) if output_hidden_states else None,
+                        attentions=tuple(attentions) if output_attentions else None)

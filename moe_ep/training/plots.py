@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from .metrics import read_metrics
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` on an Agg canvas into the PNG ``path`` (110 dpi); return ``path``."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110)
     return path
@@ -37,7 +38,7 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_expert_load(records: list[dict], path: Path) -> Path:
@@ -46,7 +47,7 @@ def plot_expert_load(records: list[dict], path: Path) -> Path:
     fig = Figure(figsize=(8, 1.0 + 1.5 * max(n_layers, 1)), layout="constrained")
     if not n_layers:
         fig.add_subplot().text(0.5, 0.5, "no MoE load recorded", ha="center", va="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
     steps = [r["step"] for r in rows]
     edges = np.array([records[0]["step"]] + steps, dtype=float)
     load_LEC = np.array([r["expert_load"] for r in rows]).transpose(1, 2, 0)  # layer, expert, record
@@ -61,7 +62,7 @@ def plot_expert_load(records: list[dict], path: Path) -> Path:
     axes[-1].set_xlabel("optimizer step")
     fig.colorbar(mesh, ax=list(axes), label="load / mean load")
     fig.suptitle("Routed load per expert")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_run(out_dir: Path) -> list[Path]:
