@@ -48,7 +48,7 @@ class Block(nn.Module):
         if layer_idx < config.first_k_dense:
             self.ffn = DenseFFN(config.hidden_size, config.dense_intermediate_size)
         else:
-            self.ffn = MoELayer(config.moe, parallel=parallel)
+            self.ffn = MoELayer(config.moe, parallel=parallel, name=f"layers.{layer_idx}.ffn")
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH))
