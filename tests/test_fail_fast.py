@@ -47,16 +47,6 @@ def test_placement_errors_name_the_sizes(config, ep_size, nodes, match):
         MoELayer(cfg, ParallelState(ep_size=ep_size, nodes=nodes))
 
 
-def test_grouped_matmul_names_mismatched_sizes():
-    from moe_ep.expert_backend import grouped_matmul
-
-    x_RK, w_EKN = torch.randn(5, 16), torch.randn(2, 8, 4)
-    with pytest.raises(ValueError, match="x has K=16 but w has K=8"):
-        grouped_matmul(x_RK, w_EKN, torch.tensor([2, 3]))
-    with pytest.raises(ValueError, match="3 counts for 2 experts"):
-        grouped_matmul(x_RK[:, :8], w_EKN, torch.tensor([2, 3, 0]))
-
-
 def test_timeout_must_be_positive():
     assert as_timedelta(2.5) == timedelta(seconds=2.5)
     assert as_timedelta(timedelta(minutes=1)) == timedelta(minutes=1)
