@@ -3,7 +3,8 @@
 Every global quantity comes from one SUM and one MAX all-reduce over the
 world (all data- and expert-parallel ranks): loads per expert, first choices
 per expert, tokens sent per device, token and sequence counts, processed
-pairs and distinct devices per token. Batch-scope losses use these global
+pairs, distinct devices per token and, with ``check_finite``, the NaN/Inf
+counts of moe_ep/finite.py. Batch-scope losses use these global
 counts with the local ``prob_sum`` (which keeps its gradient); sequence-scope
 losses need no communication since a sequence never spans ranks.
 
@@ -70,6 +71,7 @@ class GlobalCounts:
     processed_pairs: torch.Tensor
     devices_sum: torch.Tensor
     devices_max: torch.Tensor
+    nonfinite_C: torch.Tensor     # NaN/Inf counts per check of moe_ep/finite.py (empty when unchecked)
 
 
 def device_hits(topk_idx_TK: torch.Tensor, n_experts: int, n_devices: int) -> torch.Tensor:
@@ -80,10 +82,13 @@ def device_hits(topk_idx_TK: torch.Tensor, n_experts: int, n_devices: int) -> to
 
 
 def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torch.Tensor, n_seq: int,
-                  n_devices: int, parallel: ParallelState) -> GlobalCounts:
+                  n_devices: int, parallel: ParallelState,
+                  nonfinite_C: Optional[torch.Tensor] = None) -> GlobalCounts:
     """Reduce the routing counts over the world (one SUM, one MAX all-reduce).
 
     ``processed_pairs``: the pairs this rank's experts computed (the dispatcher's count).
+    ``nonfinite_C``: this rank's NaN/Inf counts (``finite.count_nonfinite``),
+    summed in the same all-reduce; every rank must pass one or none alike.
     """
     idx_TK = routing.topk_idx_TK
     T, K = idx_TK.shape
@@ -91,6 +96,7 @@ def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torc
     hit_TD = device_hits(idx_TK, E, n_devices)
     devices_T = hit_TD.sum(-1)
     f64 = dict(dtype=torch.float64, device=idx_TK.device)
+    nonfinite_C = torch.zeros(0, **f64) if nonfinite_C is None else nonfinite_C.to(**f64)
     packed = torch.cat([
         torch.bincount(idx_TK.flatten(), minlength=E).to(**f64),
         torch.bincount(routing.scores_TE.detach().argmax(-1), minlength=E).to(**f64) if T else torch.zeros(E, **f64),
@@ -99,12 +105,13 @@ def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torc
         keep_TK.sum().reshape(1).to(**f64),
         processed_pairs.reshape(1).to(**f64),
         devices_T.sum().reshape(1).to(**f64),
+        nonfinite_C,
     ])
     parallel.all_reduce_world(packed)
     devices_max = (devices_T.max() if T else torch.zeros((), dtype=torch.long, device=idx_TK.device)).to(**f64)
     parallel.all_reduce_world(devices_max, op=torch.distributed.ReduceOp.MAX)
-    load, top1, sent, rest = packed.split([E, E, n_devices, 5])
-    return GlobalCounts(load, top1, sent, rest[0], rest[1], rest[2], rest[3], rest[4], devices_max)
+    load, top1, sent, rest, nonfinite = packed.split([E, E, n_devices, 5, nonfinite_C.numel()])
+    return GlobalCounts(load, top1, sent, rest[0], rest[1], rest[2], rest[3], rest[4], devices_max, nonfinite)
 
 
 def routing_stats(counts: GlobalCounts, top_k: int, traffic: dict) -> RoutingStats:

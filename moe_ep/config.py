@@ -94,7 +94,9 @@ class MoEConfig:
             with more than one rank per node).
 
     Checks:
-        check_finite: raise on non-finite input (one host sync per forward).
+        check_finite: raise ``moe_ep.finite.NonFiniteError`` on every rank when
+            any rank's input, router logits or expert outputs hold NaN or Inf
+            (one host sync per forward; moe_ep/finite.py).
         expert_backend: ``auto`` (Triton on CUDA, torch grouped mm on CPU,
             loop last), or force ``triton``, ``torch`` or ``loop``.
         recompute_experts: keep no expert pre-activations for backward and

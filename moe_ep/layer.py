@@ -10,6 +10,7 @@ data flow.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -21,6 +22,8 @@ from .dispatch import make_dispatcher
 from .dispatch.side_stream import SideStream
 from .dropping import DropRule, PairKeys, protected_sequences
 from .experts import RoutedExperts, SharedExperts
+from .finite import count_nonfinite, raise_if_nonfinite
+from .parallel.consistency import check_same_on_ranks
 from .parallel.state import ParallelState
 from .router import Router
 
@@ -48,14 +51,28 @@ def _check_placement(config: MoEConfig, parallel: ParallelState) -> None:
 
 
 class MoELayer(nn.Module):
-    """A DeepSeek-family MoE FFN; pass ``parallel`` to hold only this rank's experts."""
+    """A DeepSeek-family MoE FFN; pass ``parallel`` to hold only this rank's experts.
 
-    def __init__(self, config: MoEConfig, parallel: Optional[ParallelState] = None):
+    ``name`` identifies the layer in errors (the model passes its module path).
+    Under ``parallel`` (with a process group), construction is collective over
+    the world: every rank must build its layers in the same order with the
+    same config and layout (compared by ``check_same_on_ranks``; a mismatch
+    raises on every rank).
+    ``forward_count``: forward calls so far (training and eval), the "step"
+    named by ``check_finite`` errors.
+    """
+
+    def __init__(self, config: MoEConfig, parallel: Optional[ParallelState] = None, name: str = "moe"):
         super().__init__()
         parallel = parallel or ParallelState()
+        if parallel.distributed:
+            layout = dict(ep_size=parallel.ep_size, dp_size=parallel.dp_size, nodes=parallel.nodes)
+            check_same_on_ranks(f"MoELayer {name!r}", {**dataclasses.asdict(config), **layout}, parallel.world_group)
         _check_placement(config, parallel)
         self.config = config
         self.parallel = parallel
+        self.name = name
+        self.forward_count = 0
         self.n_devices = _resolve_devices(config, parallel)
         E, K = config.n_routed_experts, config.num_experts_per_tok
         if config.topk_method == "greedy":
@@ -77,9 +94,8 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.dim() == 0 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"MoELayer: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
-        if cfg.check_finite and not torch.isfinite(x).all():
-            raise ValueError("MoELayer: input contains NaN or Inf (check_finite=True)")
+            raise ValueError(f"MoELayer {self.name!r}: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
+        self.forward_count += 1
         x_TH = x.reshape(-1, cfg.hidden_size)
         T = x_TH.shape[0]
         seq_len = x.shape[-2] if x.dim() >= 3 else T
@@ -97,8 +113,13 @@ class MoELayer(nn.Module):
         if result.overlap_out is not None:
             y_TH = y_TH + self.side_stream.join(result.overlap_out)
 
+        nonfinite_C = count_nonfinite(x_TH, routing.logits_TE, y_TH) if cfg.check_finite else None
         counts = global_counts(routing, result.keep_TK, result.processed_pairs, n_seq, self.n_devices,
-                               self.parallel)
+                               self.parallel, nonfinite_C)
+        if nonfinite_C is not None:
+            mode = "training" if self.training else "eval"
+            raise_if_nonfinite(counts.nonfinite_C, nonfinite_C,
+                               f"MoELayer {self.name!r}, forward {self.forward_count} ({mode})")
         loss = aux_loss(routing, seq_id_T, n_seq, counts, cfg, self.n_devices, self.device_limit, self.parallel)
         self.aux_loss = loss if loss is not None else y_TH.new_zeros((), dtype=torch.float32)
         self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)

@@ -135,7 +135,8 @@ def test_ds_train_writes_the_plain_runs_metrics(tmp_path):
     assert [r["step"] for r in ds] == [r["step"] for r in plain] == [0, 2, 4]
     for a, b in zip(ds, plain):
         assert set(a) == set(b)
-        for key in ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac"):
+        for key in ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac", "routed_pairs",
+                    "processed_pairs", "dropped_pairs"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
         if "expert_load" in a:

@@ -211,7 +211,7 @@ def test_layer_drops_exactly_the_brute_force_pairs(case):
         assert stats["dropped_pairs"] == dropped
         assert sum(stats["tokens_per_expert"]) == stats["routed_pairs"]  # loads count pairs before dropping
         processed = stats["routed_pairs"] - stats["dropped_pairs"]
-        assert processed == sum(kept for row in keep for kept in row)
+        assert processed == sum(kept for row in keep for kept in row) == stats["processed_pairs"]
         assert torch.allclose(y, y_hand, rtol=1e-5, atol=1e-5)
         assert all(all(keep[t]) for t in range(T) if protected_T[t])
 

@@ -24,7 +24,7 @@ RUN_FLAGS = ["--preset", "tiny", "--ep-size", "1", "--steps", str(STEPS), "--bat
              "--warmup", "10", "--log-every", "10", "--val-every", "30", "--val-batches", "2",
              "--ckpt-every", str(HALF), "--max-data-bytes", str(2 << 20)]
 RECORD_FIELDS = {"step", "loss", "aux_loss", "tokens_per_s", "dropped_frac", "max_vio", "grad_norm", "lr",
-                 "expert_load"}
+                 "expert_load", "routed_pairs", "processed_pairs", "dropped_pairs"}
 
 
 def torchrun(args: list[str], timeout: float = 90.0) -> str:
@@ -63,6 +63,9 @@ def test_metrics_plots_and_checkpoints(trained_run):
         assert RECORD_FIELDS <= set(rec), rec.keys()
         assert rec["tokens_per_s"] > 0 and 0 <= rec["dropped_frac"] <= 1 and rec["max_vio"] >= 0
         assert len(rec["expert_load"]) == 3 and all(len(row) == 16 for row in rec["expert_load"])
+        # 10 steps x 2 ranks x 8 x 128 tokens x top-k 2 x 3 MoE layers; nothing lost
+        assert rec["routed_pairs"] == 10 * 2 * 8 * 128 * 2 * 3
+        assert rec["processed_pairs"] + rec["dropped_pairs"] == rec["routed_pairs"]
         assert sum(rec["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
     val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
     assert sorted(val) == [0, HALF, STEPS]

@@ -52,7 +52,9 @@ from deepspeed.utils import groups
 
 from ..dispatch import make_dispatcher
 from ..layer import MoELayer
+from ..parallel.consistency import check_same_on_ranks
 from ..parallel.state import ParallelState
+from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 EXPERT_PARAM_NAMES = ("w_in", "w_out")
@@ -112,7 +114,8 @@ def parallel_state_from_groups(ep_size: int, nodes: Optional[int] = None) -> Par
 
 
 def deepspeed_parallel_state(ep_size: int, nodes: Optional[int] = None, dist_backend: Optional[str] = None,
-                             use_data_before_expert_parallel_: bool = False) -> ParallelState:
+                             use_data_before_expert_parallel_: bool = False,
+                             timeout: Timeout = DEFAULT_TIMEOUT) -> ParallelState:
     """Initialise DeepSpeed's communication and its expert groups now; return our ``ParallelState``.
 
     Build the model with this state (its experts are sharded at
@@ -120,16 +123,24 @@ def deepspeed_parallel_state(ep_size: int, nodes: Optional[int] = None, dist_bac
     ``set_deepspeed_parallelism`` finds the groups already there.
     ``dist_backend`` defaults to NCCL with CUDA and gloo without (the only
     choice on CPU: ``DS_ACCELERATOR=cpu``). ``use_data_before_expert_parallel_``
-    must match the engine config's value of the same name.
+    must match the engine config's value of the same name. As in
+    ``init_expert_parallel``, every rank's ``ep_size`` and ``nodes`` are
+    compared first and ``timeout`` bounds the collectives of the default
+    group and of the expert groups.
     """
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist_backend or _default_backend())
+    timeout = as_timedelta(timeout)
+    deepspeed.init_distributed(dist_backend=dist_backend or _default_backend(), timeout=timeout)
+    set_collective_timeout(timeout, dist.group.WORLD)
     world = dist.get_world_size()
+    check_same_on_ranks("deepspeed_parallel_state", dict(world_size=world, ep_size=ep_size, nodes=nodes))
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"deepspeed_parallel_state: ep_size={ep_size} does not divide the world size {world}")
     _create_groups(ep_size, use_data_before_expert_parallel_)
-    return parallel_state_from_groups(ep_size, nodes)
+    state = parallel_state_from_groups(ep_size, nodes)
+    set_collective_timeout(timeout, state.ep_group, state.edp_group)
+    return state
 
 
 # ----------------------------------------------------------------- wrapper

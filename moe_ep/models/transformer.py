@@ -59,7 +59,7 @@ class Block(nn.Module):
         if layer_idx < config.first_k_dense:
             self.ffn = DenseFFN(config.hidden_size, config.dense_intermediate_size)
         else:
-            self.ffn = MoELayer(config.moe, parallel=parallel)
+            self.ffn = MoELayer(config.moe, parallel=parallel, name=f"layers.{layer_idx}.ffn")
 
     def forward(self, x_BSH: torch.Tensor,
                 output_attentions: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

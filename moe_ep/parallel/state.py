@@ -20,6 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .consistency import check_same_on_ranks
+from .timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
+
 
 @dataclass
 class ParallelState:
@@ -93,7 +96,8 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None) -> ParallelState:
+def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None,
+                         timeout: Timeout = DEFAULT_TIMEOUT) -> ParallelState:
     """Build the (dp, node, local) mesh (``ep`` = node x local) on the default process group.
 
     Initialises the default group from the torchrun environment when absent
@@ -101,16 +105,23 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
     ``nodes`` (nodes spanned by one EP group, for node-limited routing)
     defaults to ``ep_size / LOCAL_WORLD_SIZE`` when the EP group is larger
     than one node, else 1; pass it to emulate nodes on one machine.
+    ``timeout`` (a ``timedelta`` or seconds) bounds every later collective
+    of the default group and of the mesh's groups (moe_ep/parallel/timeout.py).
+    Every rank must pass the same ``ep_size`` and ``nodes``: they are compared
+    first (one small all-gather) and a mismatch raises ``ValueError`` on every rank.
     """
+    timeout = as_timedelta(timeout)
     if not dist.is_initialized():
-        dist.init_process_group(backend=_default_backend())
+        dist.init_process_group(backend=_default_backend(), timeout=timeout)
+    set_collective_timeout(timeout, dist.group.WORLD)
     world = dist.get_world_size()
     ep_size = world if ep_size is None else ep_size
-    if ep_size < 1 or world % ep_size != 0:
-        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
     if nodes is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         nodes = max(1, ep_size // local) if ep_size > local else 1
+    check_same_on_ranks("init_expert_parallel", dict(world_size=world, ep_size=ep_size, nodes=nodes))
+    if ep_size < 1 or world % ep_size != 0:
+        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
     if nodes < 1 or ep_size % nodes != 0:
         raise ValueError(f"init_expert_parallel: nodes={nodes} does not divide ep_size={ep_size}")
     from torch.distributed.device_mesh import init_device_mesh
@@ -119,6 +130,7 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
     dp_size = world // ep_size
     mesh = init_device_mesh(device_type, (dp_size, nodes, ep_size // nodes), mesh_dim_names=("dp", "node", "local"))
     mesh["node", "local"]._flatten("ep")
+    set_collective_timeout(timeout, *(mesh.get_group(name) for name in ("ep", "dp", "node", "local")))
     rank = dist.get_rank()
     return ParallelState(ep_size=ep_size, ep_rank=rank % ep_size, dp_size=dp_size, dp_rank=rank // ep_size,
                          nodes=nodes, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),

@@ -10,6 +10,11 @@ optimizer updates:
     tokens_per_s  training tokens of the whole world per second of training
                   time (validation and checkpoint time excluded)
     dropped_frac  dropped (token, expert) pairs / routed pairs, all MoE layers
+    routed_pairs, processed_pairs, dropped_pairs
+                  (token, expert) pairs of the interval's steps, summed over
+                  the MoE layers and every rank: routed by the routers, computed
+                  by the experts (counted where they ran), removed by the
+                  capacities; ``flush`` raises unless processed + dropped = routed
     max_vio       MaxVio: per step the worst MoE layer's
                   (max expert load - mean load) / mean load, averaged over the interval
     grad_norm     mean global gradient norm before clipping
@@ -45,7 +50,7 @@ class IntervalMeter:
 
     def reset(self) -> None:
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.sums = torch.zeros(6, **f64)  # loss, aux, grad_norm, dropped, routed, max_vio
+        self.sums = torch.zeros(7, **f64)  # loss, aux, grad_norm, routed, processed, dropped, max_vio
         self.load_LE = torch.zeros(self.shape, **f64)
         self.steps = 0
         self.lr = 0.0
@@ -59,10 +64,10 @@ class IntervalMeter:
     def add(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, stats: list, lr: float) -> None:
         """End a training step: local loss, global aux loss, norm, the MoE layers' ``last_stats``."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        dropped = sum((s.dropped_pairs.double() for s in stats), zero)
-        routed = sum((s.routed_pairs.double() for s in stats), zero)
+        pairs = [sum((getattr(s, name).double() for s in stats), zero)
+                 for name in ("routed_pairs", "processed_pairs", "dropped_pairs")]
         max_vio = torch.stack([s.max_violation.double() for s in stats]).max() if stats else zero
-        self.sums += torch.stack([loss.double(), aux.double(), grad_norm.double(), dropped, routed, max_vio])
+        self.sums += torch.stack([loss.double(), aux.double(), grad_norm.double(), *pairs, max_vio])
         if stats:
             self.load_LE += torch.stack([s.tokens_per_expert.double() for s in stats])
         self.steps += 1
@@ -76,13 +81,17 @@ class IntervalMeter:
         loss_sum = parallel.all_reduce_world(sums[:1].clone()) / parallel.world_size
         values = torch.cat([loss_sum, sums[1:]]).tolist()
         seconds = self.seconds + (time.perf_counter() - self.step_ended)  # + device work still queued
-        loss, aux, grad_norm, dropped, routed, max_vio = values
+        loss, aux, grad_norm, routed, processed, dropped, max_vio = values
+        if processed + dropped != routed:  # exact: float64 sums of integer counts
+            raise RuntimeError(f"IntervalMeter: (token, expert) pairs lost: {routed:.0f} routed but "
+                               f"{processed:.0f} processed + {dropped:.0f} dropped")
         n = max(self.steps, 1)
         share_LE = self.load_LE / self.load_LE.sum(-1, keepdim=True).clamp_min(1)
         record = dict(loss=loss / n, aux_loss=aux / n,
                       tokens_per_s=self.tokens_per_step * self.steps / max(seconds, 1e-9),
                       dropped_frac=dropped / max(routed, 1.0), max_vio=max_vio / n, grad_norm=grad_norm / n,
-                      lr=self.lr, expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()])
+                      lr=self.lr, routed_pairs=int(routed), processed_pairs=int(processed), dropped_pairs=int(dropped),
+                      expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()])
         self.reset()
         return record
 
