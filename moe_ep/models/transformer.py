@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoELayer
+from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
 from ..parallel.state import ParallelState
 from .config import ModelConfig
 from .layers import CausalSelfAttention, DenseFFN, RMSNorm
@@ -108,17 +109,13 @@ class MoETransformerLM(nn.Module):
         return F.linear(h_BSH, weight)
 
     def moe_layers(self) -> list[MoELayer]:
-        """The MoE FFNs, in depth order."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]  # also finds wrapped layers (DeepSpeed)
+        """The MoE FFNs, in depth order (``moe_ep.model_moe.moe_layers``)."""
+        return moe_layers(self)
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' auxiliary losses of the last forward (global value, see balance.py)."""
-        total = self.embed.weight.new_zeros((), dtype=torch.float32)
-        for layer in self.moe_layers():
-            total = total + layer.aux_loss.float()
-        return total
+        """Sum of the MoE layers' auxiliary losses of the last forward (``model_moe.total_aux_loss``)."""
+        return total_aux_loss(self)
 
     def update_moe_bias(self) -> None:
-        """One aux-free bias step per MoE layer; call once per optimizer step."""
-        for layer in self.moe_layers():
-            layer.update_bias()
+        """One aux-free bias step per MoE layer; call once per optimizer step (``model_moe.update_moe_bias``)."""
+        update_moe_bias(self)
