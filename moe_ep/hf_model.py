@@ -68,9 +68,9 @@ def _block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _check_call_contract(block: nn.Module, hidden_size: int) -> None:
     """The block maps ``[1, 1, H]`` to a tensor of the same shape, as ``ExpertParallelMoE`` does."""
-    weight = block.gate.weight
+    probe = torch.zeros(1, 1, hidden_size, dtype=block.experts.gate_up_proj.dtype, device=block.gate.weight.device)
     with torch.no_grad():
-        out = block(torch.zeros(1, 1, hidden_size, dtype=block.experts.gate_up_proj.dtype, device=weight.device))
+        out = block(probe)
     if not torch.is_tensor(out) or out.shape != (1, 1, hidden_size):
         import transformers
 
