@@ -224,7 +224,7 @@ def _check_run_and_saved_model(out, saved, vocab_size):
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-    assert sorted(val) == [0, STEPS] and val[STEPS] < val[0] - 0.5, val
+    assert sorted(val) == [0, STEPS] and val[STEPS] < val[0] - 0.3, val  # seen: V2 5.17 -> 4.58, V3 6.21 -> 3.82
     assert all(len(r["expert_load"]) == 2 for r in records if "expert_load" in r)  # both MoE layers reported
     assert json.loads((out / "run.json").read_text())["model"]["moe_overrides"]
 
