@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from moe_ep.data import BatchSampler, load_corpus  # noqa: E402
+from moe_ep.data import BatchSampler  # noqa: E402
 from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, grad_clip_plan, moe_layers,  # noqa: E402
                                            optimizer_param_groups, train_step, wrap_moe_layers)
-from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM  # noqa: E402
+from moe_ep.models import MODEL_PRESETS  # noqa: E402
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
-from moe_ep.training.config import parse_field_overrides  # noqa: E402
+from moe_ep.training.model_source import build_model, default_seq_len, save_hf  # noqa: E402
 from moe_ep.training.optim import lr_at  # noqa: E402
 
 _DEFAULTS = TrainConfig()
@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (default tiny)")
     p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an MoEConfig field of the preset, e.g. --moe n_group=2 (repeatable)")
+    p.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="train this transformers DeepSeek V2/V3 causal LM folder instead of a preset "
+                        "(--moe then sets moe_ep-only fields; docs/interop.md)")
+    p.add_argument("--save-hf", default=None, metavar="DIR",
+                   help="with --hf-model: write the trained model as a transformers folder at the end")
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
     p.add_argument("--nodes", type=int, default=None, help="nodes one EP group spans (default: from the launcher)")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps in total")
@@ -110,15 +115,13 @@ def main(argv=None) -> None:
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    base = ModelConfig.preset(args.preset)
-    model_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
-    cfg = train_config(args, ds_config, args.seq_len or model_cfg.max_seq_len)
+    cfg = train_config(args, ds_config, args.seq_len or default_seq_len(args))
     out_dir = Path(cfg.out_dir)
 
     torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
-    corpus = load_corpus(args.data, max_bytes=args.max_data_bytes)
+    source = build_model(args, parallel, device, seed=cfg.seed)
+    model, corpus = source.model, source.corpus
     sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
-    model = MoETransformerLM(model_cfg, parallel, seed=cfg.seed).to(device)
     wrap_moe_layers(model, args.ep_size)
     engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
                                            model_parameters=optimizer_param_groups(model, cfg.weight_decay))
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
         start = sampler.check_resume(dict(client_state["data"], rank=rank))
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_info = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), world_size=parallel.world_size,
+        run_info = dict(model=source.info, train=cfg.to_dict(), world_size=parallel.world_size,
                         ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
                         data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
@@ -141,13 +144,14 @@ def main(argv=None) -> None:
                         resumed_at_step=start or None)
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[moe_ep/deepspeed] {args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, world "
-              f"{parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), ZeRO stage {stage}, {device}",
-              flush=True)
+        print(f"[moe_ep/deepspeed] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "
+              f"world {parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), ZeRO stage {stage}, "
+              f"{device}", flush=True)
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0, start_step=start)
     val_batches = [b.to(device) for b in sampler.val_batches(cfg.val_batches)]
-    meter = IntervalMeter(len(moe_layers(model)), model_cfg.moe.n_routed_experts,
+    moe = moe_layers(model)
+    meter = IntervalMeter(len(moe), moe[0].config.n_routed_experts,
                           cfg.batch_size * cfg.seq_len * parallel.world_size, device)
     bar = ProgressBar(cfg.steps, start, enabled=rank == 0)
     val_losses: dict[int, float] = {}
@@ -165,7 +169,7 @@ def main(argv=None) -> None:
         if cfg.ckpt_every and step > start and (step % cfg.ckpt_every == 0 or last):
             engine.save_checkpoint(str(out_dir / CKPT_DIR), tag=f"step_{step:04d}",
                                    client_state=dict(data=sampler.state_dict(step), train_config=cfg.to_dict(),
-                                                     model_config=model_cfg.to_dict()))
+                                                     model_config=source.info))
         if last:
             break
         meter.begin_step()
@@ -184,6 +188,10 @@ def main(argv=None) -> None:
         print(f"[moe_ep/deepspeed] metrics: {out_dir / 'metrics.jsonl'}", flush=True)
         for path in plots:
             print(f"[moe_ep/deepspeed] plot: {path}", flush=True)
+    if args.save_hf:
+        save_hf(source, args.save_hf)
+        if rank == 0:
+            print(f"[moe_ep/deepspeed] transformers model: {args.save_hf}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

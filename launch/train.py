@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 launch/train.py --preset tiny --ep-size 2 --steps 300 --out runs/tiny
     python launch/train.py --preset tiny --steps 300 --out runs/tiny-1proc
+    torchrun --standalone --nproc_per_node 2 launch/train.py --hf-model DIR --ep-size 2 --save-hf runs/hf/model
 
 Under torchrun (``RANK`` in the environment) the world is a (dp, ep) mesh
 from ``moe_ep.init_expert_parallel`` (NCCL with CUDA, gloo without); each
@@ -20,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 import moe_ep
-from moe_ep.data import BatchSampler, load_corpus
-from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
+from moe_ep.data import BatchSampler
+from moe_ep.models import MODEL_PRESETS
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
 from moe_ep.training.cli import add_loop_arguments, loop_config
-from moe_ep.training.config import parse_field_overrides
+from moe_ep.training.model_source import build_model, default_seq_len, save_hf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (default tiny)")
     p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an MoEConfig field of the preset, e.g. --moe n_group=2 (repeatable)")
+    p.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="train this transformers DeepSeek V2/V3 causal LM folder instead of a preset "
+                        "(--moe then sets moe_ep-only fields; docs/interop.md)")
+    p.add_argument("--save-hf", default=None, metavar="DIR",
+                   help="with --hf-model: write the trained model as a transformers folder at the end")
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
     p.add_argument("--nodes", type=int, default=None,
                    help="nodes one EP group spans (default: from LOCAL_WORLD_SIZE); set it to emulate nodes")
@@ -59,28 +65,26 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     parallel, device = setup_parallel(args.ep_size, args.nodes)
     rank = dist.get_rank() if parallel.distributed else 0
-    base = ModelConfig.preset(args.preset)
-    model_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
-    cfg = loop_config(args, default_seq_len=model_cfg.max_seq_len)
+    cfg = loop_config(args, default_seq_len=default_seq_len(args))
     resume = latest_checkpoint(Path(args.out)) if args.resume == "latest" else args.resume
     if args.resume == "latest" and resume is None:
         raise SystemExit(f"--resume: no complete checkpoint under {args.out}/ckpt")
 
     torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
-    corpus = load_corpus(args.data, max_bytes=args.max_data_bytes)
+    source = build_model(args, parallel, device, seed=cfg.seed)
+    model, corpus = source.model, source.corpus
     sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
-    model = MoETransformerLM(model_cfg, parallel, seed=cfg.seed).to(device)
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        run_info = dict(model=model_cfg.to_dict(), train=cfg.to_dict(), world_size=parallel.world_size,
+        run_info = dict(model=source.info, train=cfg.to_dict(), world_size=parallel.world_size,
                         ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
                         data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
                         resumed_from=str(resume) if resume else None)
         (Path(args.out) / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[moe_ep] {args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, world {parallel.world_size} "
-              f"(dp {parallel.dp_size} x ep {parallel.ep_size}), {device}, "
+        print(f"[moe_ep] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "
+              f"world {parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), {device}, "
               f"{corpus.train.numel() / 1e6:.1f}M train / {corpus.val.numel() / 1e6:.2f}M val tokens", flush=True)
 
     result = train(model, sampler, parallel, cfg, resume_from=Path(resume) if resume else None)
@@ -95,6 +99,10 @@ def main(argv=None) -> None:
             print(f"[moe_ep] plot: {path}", flush=True)
         if result.last_checkpoint is not None:
             print(f"[moe_ep] checkpoint: {result.last_checkpoint}", flush=True)
+    if args.save_hf:
+        save_hf(source, args.save_hf)
+        if rank == 0:
+            print(f"[moe_ep] transformers model: {args.save_hf}", flush=True)
     if parallel.distributed:
         dist.destroy_process_group()
 

@@ -48,10 +48,14 @@ class MoEConfig:
             ``sigmoid`` (V3).
         topk_method: ``greedy`` (plain top-K), ``device_limited`` (V2: groups
             ranked by their best expert) or ``node_limited`` (V3: groups ranked
-            by the sum of their top K_r/M biased scores).
+            by the sum of their top ``group_score_topk`` biased scores).
         n_group: routing groups (devices for V2, nodes for V3); contiguous
             blocks of expert ids.
         topk_group: M, groups a token may reach.
+        group_score_topk: ``node_limited`` only: how many of a group's best
+            biased scores are summed into its score. None: K_r / M (Megatron);
+            DeepSeek-V3's code and transformers use 2 (``from_hf_config``
+            sets 2 for V3). Ignored by the other methods.
         norm_topk_prob: divide the selected gate values by their sum.
         routed_scaling_factor: multiply gate values by this (V2 16.0, V3 2.5).
         router_dtype: dtype of the router matmul and scores (fp32 default).
@@ -116,6 +120,7 @@ class MoEConfig:
     topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
+    group_score_topk: Optional[int] = None
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     router_dtype: str = "float32"
@@ -187,10 +192,14 @@ class MoEConfig:
             need(K <= reachable, "num_experts_per_tok",
                  f"top-k {K} exceeds the {reachable} experts reachable in topk_group={self.topk_group} "
                  f"of n_group={self.n_group} groups")
-        if self.topk_method == "node_limited":
+        if self.group_score_topk is not None:
+            need(isinstance(self.group_score_topk, int) and 0 < self.group_score_topk <= E // self.n_group,
+                 "group_score_topk", f"must be a positive int of at most the {E // self.n_group} experts of a "
+                 f"group (n_routed_experts / n_group), got {self.group_score_topk!r}")
+        elif self.topk_method == "node_limited":
             need(K >= self.topk_group, "num_experts_per_tok",
                  f"node-limited scoring sums the top K/M = {K}//{self.topk_group} scores per group, "
-                 f"which is 0 when num_experts_per_tok < topk_group")
+                 f"which is 0 when num_experts_per_tok < topk_group; set group_score_topk")
         if self.device_groups is not None:
             need(isinstance(self.device_groups, int) and self.device_groups > 0, "device_groups",
                  f"must be a positive int, got {self.device_groups!r}")
@@ -215,6 +224,11 @@ class MoEConfig:
     @property
     def torch_router_dtype(self) -> torch.dtype:
         return _ROUTER_DTYPES[self.router_dtype]
+
+    @property
+    def group_score_k(self) -> int:
+        """Biased scores summed per group by ``node_limited``: ``group_score_topk`` or K_r // M."""
+        return self.group_score_topk or self.num_experts_per_tok // self.topk_group
 
     @property
     def shared_width(self) -> int:
@@ -251,38 +265,49 @@ class MoEConfig:
 
         V2 ``greedy`` maps to ``greedy``, ``group_limited_greedy`` to
         ``device_limited``; V3 (``noaux_tc`` or a V3 config) to
-        ``node_limited`` with sigmoid scores and the selection bias.
+        ``node_limited`` with sigmoid scores, the selection bias and
+        ``group_score_topk=2`` (transformers scores a group by its top-2
+        biased scores, as DeepSeek's code). ``overrides`` set any field.
         """
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"MoEConfig.from_hf_config: unknown field(s) {sorted(unknown)}")
-        model_type = getattr(hf_config, "model_type", "")
-        n_routed = getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", None)
-        if n_routed is None:
-            raise ValueError(f"from_hf_config: {type(hf_config).__name__} has no n_routed_experts")
-        if getattr(hf_config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"from_hf_config: hidden_act {hf_config.hidden_act!r} is not supported (silu only)")
-        fields = dict(
-            hidden_size=hf_config.hidden_size,
-            moe_intermediate_size=hf_config.moe_intermediate_size,
-            n_routed_experts=n_routed,
-            n_shared_experts=hf_config.n_shared_experts or 0,
-            num_experts_per_tok=hf_config.num_experts_per_tok,
-            routed_scaling_factor=float(hf_config.routed_scaling_factor),
-            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
-            n_group=getattr(hf_config, "n_group", None) or 1,
-            topk_group=getattr(hf_config, "topk_group", None) or 1,
-        )
-        topk_method = getattr(hf_config, "topk_method", None)
-        if model_type == "deepseek_v3" or topk_method == "noaux_tc":
-            fields.update(scoring_func="sigmoid", topk_method="node_limited", aux_free_bias=True)
-        elif topk_method == "group_limited_greedy":
-            fields.update(scoring_func="softmax", topk_method="device_limited")
-        elif topk_method in (None, "greedy"):
-            fields.update(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)
-        else:
-            raise ValueError(f"from_hf_config: unknown topk_method {topk_method!r}")
-        return cls(**{**fields, **overrides})
+        return cls(**{**hf_config_fields(hf_config), **overrides})
+
+
+def hf_config_fields(hf_config: Any) -> dict[str, Any]:
+    """The ``MoEConfig`` fields a transformers ``DeepseekV2Config`` / ``DeepseekV3Config`` determines.
+
+    Every other field is moe_ep's own (balance coefficients, capacities,
+    dropping, dtypes, backends): transformers has nothing to map it from.
+    """
+    model_type = getattr(hf_config, "model_type", "")
+    n_routed = getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", None)
+    if n_routed is None:
+        raise ValueError(f"from_hf_config: {type(hf_config).__name__} has no n_routed_experts")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"from_hf_config: hidden_act {hf_config.hidden_act!r} is not supported (silu only)")
+    fields = dict(
+        hidden_size=hf_config.hidden_size,
+        moe_intermediate_size=hf_config.moe_intermediate_size,
+        n_routed_experts=n_routed,
+        n_shared_experts=hf_config.n_shared_experts or 0,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        routed_scaling_factor=float(hf_config.routed_scaling_factor),
+        norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+        n_group=getattr(hf_config, "n_group", None) or 1,
+        topk_group=getattr(hf_config, "topk_group", None) or 1,
+    )
+    topk_method = getattr(hf_config, "topk_method", None)
+    if model_type == "deepseek_v3" or topk_method == "noaux_tc":
+        fields.update(scoring_func="sigmoid", topk_method="node_limited", aux_free_bias=True, group_score_topk=2)
+    elif topk_method == "group_limited_greedy":
+        fields.update(scoring_func="softmax", topk_method="device_limited")
+    elif topk_method in (None, "greedy"):
+        fields.update(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)
+    else:
+        raise ValueError(f"from_hf_config: unknown topk_method {topk_method!r}")
+    return fields
 
 
 # Values from the papers and official configs; see

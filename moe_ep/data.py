@@ -14,7 +14,8 @@ training, so no file is in both. A single file is split by bytes instead (its
 last ``1 / val_every`` is validation). Each split is the concatenation of
 its files, each followed by a 0 byte (end of document), truncated to
 ``max_bytes`` (validation: ``max_bytes / val_every``). Tokens are bytes:
-vocabulary 256.
+vocabulary 256. ``tokenize_corpus`` re-encodes both splits with a
+transformers tokenizer instead (for a model whose vocabulary is smaller).
 
 Batches (``BatchSampler``): a batch is ``[B, S + 1]`` token windows (inputs
 are ``[:, :-1]``, targets ``[:, 1:]``). The global batch of step ``s`` holds
@@ -44,7 +45,7 @@ END_OF_DOCUMENT = 0
 
 @dataclass
 class Corpus:
-    """Byte tokens of the two splits (uint8 tensors) and the files (relative paths) in each."""
+    """Tokens of the two splits (bytes as uint8, or tokenizer ids as int64) and the files (relative paths) in each."""
 
     train: torch.Tensor
     val: torch.Tensor
@@ -114,6 +115,27 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20, val_every:
         train_files = [f.relative_to(root).as_posix() for f in train_used]
         val_files = [f.relative_to(root).as_posix() for f in val_used]
     return Corpus(_tokens(train), _tokens(val), train_files, val_files, str(root if path is None else path))
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer) -> Corpus:
+    """``corpus`` with each split re-encoded by a transformers ``tokenizer`` (int64 ids).
+
+    Each document (the bytes between END_OF_DOCUMENT markers) is decoded as
+    UTF-8 (invalid bytes replaced), encoded without special tokens and
+    followed by ``tokenizer.eos_token_id``, which must exist.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenize_corpus: {type(tokenizer).__name__} has no eos_token to separate documents")
+
+    def encode(split: torch.Tensor) -> torch.Tensor:
+        documents = [d.decode("utf-8", errors="replace")
+                     for d in split.numpy().tobytes().split(bytes([END_OF_DOCUMENT])) if d]
+        ids = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
+        return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.int64)
+
+    return Corpus(encode(corpus.train), encode(corpus.val), corpus.train_files, corpus.val_files,
+                  f"{corpus.source} (tokenized: {tokenizer.name_or_path})")
 
 
 class BatchSampler:

@@ -14,19 +14,24 @@ Layout mapping (E routed experts, H hidden, I expert width, W = N_s * I):
 transformers stores projections as ``[out, in]`` (``F.linear``); moe_ep stores
 ``[E, in, out]`` so a projection is ``x @ w[e]``. Both keep the gate half
 before the up half (``gate, up = h.chunk(2)``), so the transpose is the whole
-conversion. Neither block adds the residual.
+conversion. Neither block adds the residual. ``MoELayer.drop_step`` (the
+rotation of protected sequences) has no transformers counterpart.
+
+An expert-parallel layer holds rows ``[first, last)`` of the expert stacks
+(``ParallelState.expert_range``): ``from_hf_moe(..., parallel=state)`` copies
+only those rows, ``to_hf_state_dict`` gathers them back.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import MoEConfig
 from .layer import MoELayer
+from .parallel.state import ParallelState
 
-__all__ = ["from_hf_moe", "to_hf_state_dict"]
+__all__ = ["from_hf_moe", "hf_block_layout", "hf_moe_config", "to_hf_keys", "to_hf_state_dict"]
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -34,109 +39,107 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> 
         raise ValueError(f"{name}: expected shape {tuple(expected)} from the config, got {tuple(tensor.shape)}")
 
 
-def _hf_tensor(module: torch.nn.Module, dotted: str) -> torch.Tensor:
-    obj: Any = module
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ValueError(f"from_hf_moe: {type(module).__name__} has no {dotted!r}")
-    if not torch.is_tensor(obj):
-        raise ValueError(f"from_hf_moe: {dotted!r} of {type(module).__name__} is not a tensor")
-    return obj
+def hf_block_layout(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the ``state_dict()`` of the transformers 5.x block matching ``config``."""
+    E, H, I, W = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.shared_width
+    layout = {"gate.weight": (E, H), "experts.gate_up_proj": (E, 2 * I, H), "experts.down_proj": (E, H, I),
+              "shared_experts.gate_proj.weight": (W, H), "shared_experts.up_proj.weight": (W, H),
+              "shared_experts.down_proj.weight": (H, W)}
+    if config.aux_free_bias:
+        layout["gate.e_score_correction_bias"] = (E,)
+    return layout
 
 
-def from_hf_moe(hf_moe_module: torch.nn.Module, hf_config: Any, **overrides: Any) -> MoELayer:
-    """A single-process ``MoELayer`` with the weights of a transformers DeepSeek MoE block.
+def _check_layout(block: torch.nn.Module, config: MoEConfig) -> None:
+    """Raise unless the block's ``state_dict()`` has exactly the keys and shapes of ``hf_block_layout``."""
+    import transformers
 
-    ``hf_moe_module`` is a ``DeepseekV2Moe`` or ``DeepseekV3MoE`` (transformers
-    5.x layout, see the module docstring); ``hf_config`` its
-    ``DeepseekV2Config`` / ``DeepseekV3Config``. The config comes from
-    ``MoEConfig.from_hf_config(hf_config, **overrides)``. Two adjustments keep
-    the outputs equal to the transformers block:
+    state = block.state_dict()
+    expected = hf_block_layout(config)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:  # e.g. transformers 4.x: one Linear per expert; mlp_bias=True: biases
+        raise ValueError(f"from_hf_moe: {type(block).__name__} (transformers {transformers.__version__}) does not "
+                         f"have the layout moe_ep converts (transformers 5.x DeepseekV2Moe / DeepseekV3MoE, "
+                         f"see moe_ep/interop.py): missing {missing}, unexpected {unexpected}")
+    for key, shape in expected.items():
+        _check_shape(key, state[key], shape)
 
-    * transformers' V2 router never renormalises the top-k weights, so
-      ``norm_topk_prob`` is forced to False for a V2 block (unless overridden);
-    * transformers' V3 router sums the top **2** biased scores per group
-      (hard-coded, as in DeepSeek's code); moe_ep sums the top
-      ``num_experts_per_tok // topk_group``. A warning is raised when the two
-      differ (then the outputs may differ too).
 
-    The routed and shared expert weights keep the block's dtype; the router
-    weight and the bias stay in the router dtype (fp32 by default).
+def hf_moe_config(hf_moe_module: torch.nn.Module, hf_config: Any, **overrides: Any) -> MoEConfig:
+    """The ``MoEConfig`` that routes like ``hf_moe_module``, after checking the block's layout.
 
-    Raises ``ValueError`` when a tensor's shape does not match the config.
+    ``MoEConfig.from_hf_config(hf_config, **overrides)`` (V3:
+    ``group_score_topk=2``, as transformers); transformers' V2 router never
+    renormalises the top-k weights, so ``norm_topk_prob`` is forced to False
+    for a V2 block (unless overridden). Raises ``ValueError`` naming the key
+    when the block's tensors differ from the transformers 5.x layout of its
+    config (names or shapes).
     """
-    gate = getattr(hf_moe_module, "gate", None)
-    if gate is None or getattr(hf_moe_module, "experts", None) is None:
+    if getattr(hf_moe_module, "gate", None) is None or getattr(hf_moe_module, "experts", None) is None:
         raise ValueError(f"from_hf_moe: {type(hf_moe_module).__name__} has no gate/experts; "
                          f"expected a DeepseekV2Moe or DeepseekV3MoE block")
-    is_v3 = hasattr(gate, "e_score_correction_bias")
-    if not is_v3 and "norm_topk_prob" not in overrides:
+    if not hasattr(hf_moe_module.gate, "e_score_correction_bias") and "norm_topk_prob" not in overrides:
         overrides["norm_topk_prob"] = False
     config = MoEConfig.from_hf_config(hf_config, **overrides)
     if config.activation != "swiglu":
         raise ValueError("from_hf_moe: transformers DeepSeek experts are SwiGLU; activation must be 'swiglu'")
-    if config.topk_method == "node_limited" and config.n_group > 1 \
-            and config.num_experts_per_tok // config.topk_group != 2:
-        warnings.warn(f"from_hf_moe: transformers scores a group by its top-2 biased scores, moe_ep by its top "
-                      f"num_experts_per_tok // topk_group = {config.num_experts_per_tok // config.topk_group}; "
-                      f"routing may differ from the transformers block", stacklevel=2)
+    _check_layout(hf_moe_module, config)
+    return config
 
-    E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-    gate_w = _hf_tensor(hf_moe_module, "gate.weight")
-    gate_up = _hf_tensor(hf_moe_module, "experts.gate_up_proj")
-    down = _hf_tensor(hf_moe_module, "experts.down_proj")
-    _check_shape("gate.weight", gate_w, (E, H))
-    _check_shape("experts.gate_up_proj", gate_up, (E, 2 * I, H))
-    _check_shape("experts.down_proj", down, (E, H, I))
 
-    layer = MoELayer(config)
-    expert_dtype = gate_up.dtype
+def from_hf_moe(hf_moe_module: torch.nn.Module, hf_config: Any, parallel: Optional[ParallelState] = None,
+                **overrides: Any) -> MoELayer:
+    """An ``MoELayer`` with the weights of a transformers DeepSeek MoE block.
+
+    ``hf_moe_module`` is a ``DeepseekV2Moe`` or ``DeepseekV3MoE`` (transformers
+    5.x layout, see the module docstring); ``hf_config`` its
+    ``DeepseekV2Config`` / ``DeepseekV3Config``; the layer's config is
+    ``hf_moe_config(hf_moe_module, hf_config, **overrides)``, so it routes
+    exactly like the block.
+
+    ``parallel``: the layer is built on it and keeps only this rank's experts
+    (every rank must call this, in the same order). The layer lives on the
+    block's device; routed and shared expert weights keep the block's dtype,
+    the router weight and the bias stay in the router dtype (fp32 by
+    default).
+    """
+    config = hf_moe_config(hf_moe_module, hf_config, **overrides)
+    state = hf_moe_module.state_dict()
+    gate_up = state["experts.gate_up_proj"]
+    with torch.device(gate_up.device):
+        layer = MoELayer(config, parallel)
+    first, last = layer.parallel.expert_range(config.n_routed_experts)
     with torch.no_grad():
-        layer.router.weight.copy_(gate_w.to(layer.router.weight.dtype))
+        layer.router.weight.copy_(state["gate.weight"].to(layer.router.weight.dtype))
         if config.aux_free_bias:
-            bias = _hf_tensor(hf_moe_module, "gate.e_score_correction_bias")
-            _check_shape("gate.e_score_correction_bias", bias, (E,))
-            layer.router.e_score_correction_bias.copy_(bias.float())
-        layer.experts.to(expert_dtype)
-        layer.experts.w_in.copy_(gate_up.transpose(1, 2))
-        layer.experts.w_out.copy_(down.transpose(1, 2))
+            layer.router.e_score_correction_bias.copy_(state["gate.e_score_correction_bias"].float())
+        layer.experts.to(gate_up.dtype)
+        layer.experts.w_in.copy_(gate_up[first:last].transpose(1, 2))
+        layer.experts.w_out.copy_(state["experts.down_proj"][first:last].transpose(1, 2))
         if layer.shared_experts is not None:
-            W = config.shared_width
-            for name, shape in (("gate_proj", (W, H)), ("up_proj", (W, H)), ("down_proj", (H, W))):
-                src = _hf_tensor(hf_moe_module, f"shared_experts.{name}.weight")
-                _check_shape(f"shared_experts.{name}.weight", src, shape)
-                if getattr(getattr(hf_moe_module.shared_experts, name), "bias", None) is not None:
-                    raise ValueError(f"from_hf_moe: shared_experts.{name} has a bias (mlp_bias=True); "
-                                     f"moe_ep's shared experts have none")
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                src = state[f"shared_experts.{name}.weight"]
                 dst = getattr(layer.shared_experts, name)
                 dst.to(src.dtype)
                 dst.weight.copy_(src)
     return layer
 
 
-def to_hf_state_dict(layer: MoELayer) -> dict[str, torch.Tensor]:
-    """The layer's weights under the keys of a transformers DeepSeek MoE block's ``state_dict()``.
+def to_hf_keys(state: dict[str, torch.Tensor], config: MoEConfig) -> dict[str, torch.Tensor]:
+    """An unsharded ``MoELayer`` state dict (or gradients under its parameter names) under transformers' keys.
 
-    ``hf_module.load_state_dict(to_hf_state_dict(layer))`` works for a block
-    built from the matching config (see the module docstring for the
-    mapping). ``gate.e_score_correction_bias`` is present only for a layer
-    with ``aux_free_bias`` (V3). A layer without shared experts yields empty
-    ``[0, H]`` / ``[H, 0]`` shared weights (transformers builds the shared MLP
-    with width ``moe_intermediate_size * n_shared_experts`` = 0). For an
-    expert-parallel layer this gathers the experts (a collective over the EP
-    group).
+    Keys of ``hf_block_layout(config)``; moe_ep-only entries (``drop_step``)
+    are left out. A layer without shared experts yields empty ``[0, H]`` /
+    ``[H, 0]`` shared weights (transformers builds the shared MLP with width
+    ``moe_intermediate_size * n_shared_experts`` = 0).
     """
-    cfg = layer.config
-    if cfg.activation != "swiglu":
+    if config.activation != "swiglu":
         raise ValueError("to_hf_state_dict: transformers DeepSeek experts are SwiGLU; the layer uses "
-                         f"activation={cfg.activation!r}")
-    if cfg.n_shared_experts and cfg.shared_intermediate_size not in (None, cfg.moe_intermediate_size):
+                         f"activation={config.activation!r}")
+    if config.n_shared_experts and config.shared_intermediate_size not in (None, config.moe_intermediate_size):
         raise ValueError("to_hf_state_dict: transformers' shared MLP width is n_shared_experts * "
                          "moe_intermediate_size; the layer sets a different shared_intermediate_size")
-    state = layer.full_state_dict() if layer.parallel.ep_size > 1 else \
-        {k: v.detach().clone() for k, v in layer.state_dict().items()}
-    E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     _check_shape("experts.w_in", state["experts.w_in"], (E, H, 2 * I))
     _check_shape("experts.w_out", state["experts.w_out"], (E, I, H))
     out = {
@@ -144,9 +147,9 @@ def to_hf_state_dict(layer: MoELayer) -> dict[str, torch.Tensor]:
         "experts.gate_up_proj": state["experts.w_in"].transpose(1, 2).contiguous(),
         "experts.down_proj": state["experts.w_out"].transpose(1, 2).contiguous(),
     }
-    if cfg.aux_free_bias:
+    if config.aux_free_bias and "router.e_score_correction_bias" in state:
         out["gate.e_score_correction_bias"] = state["router.e_score_correction_bias"].float()
-    if layer.shared_experts is not None:
+    if config.n_shared_experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
             out[f"shared_experts.{name}.weight"] = state[f"shared_experts.{name}.weight"]
     else:
@@ -155,3 +158,17 @@ def to_hf_state_dict(layer: MoELayer) -> dict[str, torch.Tensor]:
         out["shared_experts.up_proj.weight"] = torch.zeros(0, H, dtype=dtype)
         out["shared_experts.down_proj.weight"] = torch.zeros(H, 0, dtype=dtype)
     return out
+
+
+def to_hf_state_dict(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """The layer's weights under the keys of a transformers DeepSeek MoE block's ``state_dict()``.
+
+    ``hf_module.load_state_dict(to_hf_state_dict(layer))`` works for a block
+    built from the matching config (see ``to_hf_keys``).
+    ``gate.e_score_correction_bias`` is present only for a layer with
+    ``aux_free_bias`` (V3). For an expert-parallel layer this gathers the
+    experts (a collective over the EP group: every EP rank must call it).
+    """
+    state = layer.full_state_dict() if layer.parallel.ep_size > 1 else \
+        {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    return to_hf_keys(state, layer.config)

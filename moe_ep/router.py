@@ -6,7 +6,7 @@ config (docs/routing.md has the formulas and their sources):
     s_TE   = softmax(u W^T) | sigmoid(u W^T)              (router dtype, fp32)
     c_TE   = s_TE + b_E   (V3 aux-free bias, selection only; b is a buffer)
     group score  = max_{e in g} c            (device_limited, V2)
-                 | sum of top (K/M) c in g   (node_limited, V3)
+                 | sum of top n c in g       (node_limited, V3; n = group_score_topk, default K/M)
     c[e not in the M best groups] = -inf
     idx_TK = topk(c, K)
     g_TK   = s.gather(idx)                   (unbiased affinities)
@@ -41,12 +41,12 @@ class Routing:
 
 
 def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, method: str,
-                       k: int) -> torch.Tensor:
+                       group_score_k: int) -> torch.Tensor:
     """Boolean mask [T, E] of experts inside each token's ``topk_group`` best groups.
 
     Groups are contiguous blocks of E / n_group expert ids. ``device_limited``
     ranks a group by its best expert (V2); ``node_limited`` by the sum of its
-    top ``k // topk_group`` choice scores (V3).
+    top ``group_score_k`` choice scores (V3: ``MoEConfig.group_score_k``).
     """
     T, E = choice_TE.shape
     per_group = E // n_group
@@ -54,7 +54,7 @@ def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, m
     if method == "device_limited":
         group_score_TG = grouped_TGe.amax(dim=-1)
     elif method == "node_limited":
-        group_score_TG = grouped_TGe.topk(k // topk_group, dim=-1).values.sum(dim=-1)
+        group_score_TG = grouped_TGe.topk(group_score_k, dim=-1).values.sum(dim=-1)
     else:
         raise ValueError(f"group_limited_mask: unknown method {method!r}")
     keep_TM = group_score_TG.topk(topk_group, dim=-1).indices
@@ -75,7 +75,7 @@ def select_experts(logits_TE: torch.Tensor, config: MoEConfig,
             choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
         if config.topk_method != "greedy" and config.n_group > 1:
             allowed_TE = group_limited_mask(choice_TE, config.n_group, config.topk_group,
-                                            config.topk_method, config.num_experts_per_tok)
+                                            config.topk_method, config.group_score_k)
             choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
         topk_idx_TK = choice_TE.topk(config.num_experts_per_tok, dim=-1).indices
     topk_weight_TK = scores_TE.gather(1, topk_idx_TK)

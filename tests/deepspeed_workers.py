@@ -135,6 +135,7 @@ def equivalence_and_checkpoints(rank: int, world: int, cases: list[dict], ckpt_r
     """
     import moe_ep
     from moe_ep.integrations.deepspeed import deepspeed_parallel_state
+    from moe_ep.models import MoETransformerLM
 
     results = []
     for case in cases:
@@ -143,7 +144,7 @@ def equivalence_and_checkpoints(rank: int, world: int, cases: list[dict], ckpt_r
         sampler = _sampler(cfg, rank, world)
         ds_parallel = deepspeed_parallel_state(ep)
         plain_parallel = moe_ep.init_expert_parallel(ep_size=ep)
-        plain = moe_ep.models.MoETransformerLM(model_config(), plain_parallel, seed=0)
+        plain = MoETransformerLM(model_config(), plain_parallel, seed=0)
         initial = _state(plain)
         plain_states: list = []
         plain_norms = _plain_steps(plain, plain_parallel, sampler, cfg, range(2), plain_states)

@@ -37,6 +37,18 @@ def test_topk_larger_than_reachable_experts(method):
     MoEConfig(**{**TINY, "n_group": 4, "topk_group": 1, "num_experts_per_tok": 3})
 
 
+def test_group_score_topk_is_validated_and_defaults_to_k_over_m():
+    V3 = dict(scoring_func="sigmoid", topk_method="node_limited", n_routed_experts=16, n_group=4, topk_group=2,
+              num_experts_per_tok=6)
+    assert MoEConfig(**{**TINY, **V3}).group_score_k == 3
+    assert MoEConfig(**{**TINY, **V3, "group_score_topk": 2}).group_score_k == 2
+    for bad in (0, 5, 2.0):  # 5 > the 4 experts of a group
+        msg = _raises_naming("group_score_topk", **V3, group_score_topk=bad)
+        assert "at most the 4 experts" in msg
+    # An explicit count also lifts the K >= M guard, which only protects K // M.
+    MoEConfig(**{**TINY, **V3, "num_experts_per_tok": 1, "group_score_topk": 2})
+
+
 def test_node_limited_needs_k_at_least_topk_group():
     msg = _raises_naming("num_experts_per_tok", scoring_func="sigmoid", topk_method="node_limited",
                          n_routed_experts=16, n_group=8, topk_group=4, num_experts_per_tok=2)
@@ -205,6 +217,7 @@ def test_from_hf_config_v3():
     assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (16, 4, 4, 2)
     assert cfg.norm_topk_prob and cfg.routed_scaling_factor == 2.5
     assert cfg.n_shared_experts == 1
+    assert cfg.group_score_topk == 2  # transformers' (and DeepSeek's) top-2 group score, not K/M
 
 
 def test_from_hf_config_rejects_unsupported():

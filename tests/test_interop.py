@@ -149,10 +149,20 @@ def test_to_hf_state_dict_rejects_non_deepseek_layers():
         to_hf_state_dict(MoELayer(MoEConfig(hidden_size=8, moe_intermediate_size=4, activation="gelu")))
 
 
-def test_v3_group_width_other_than_two_warns():
-    hf, cfg = _hf_block("v3", num_experts_per_tok=6, topk_group=2)
-    with pytest.warns(UserWarning, match="top-2"):
-        from_hf_moe(hf, cfg)
+@pytest.mark.parametrize("extra", [dict(num_experts_per_tok=6, topk_group=2),
+                                   dict(num_experts_per_tok=4, n_group=2, topk_group=1)], ids=["K6M2", "K4G2M1"])
+def test_v3_group_score_is_top2_whatever_k_over_m(extra):
+    """transformers scores a group by its top-2 biased scores; K/M (3, 4 here) would route differently."""
+    hf, cfg = _hf_block("v3", **extra)
+    layer = from_hf_moe(hf, cfg).eval()
+    assert layer.config.group_score_topk == 2 and layer.config.group_score_k == 2
+    megatron = from_hf_moe(hf, cfg, group_score_topk=None).eval()
+    assert megatron.config.group_score_k == extra["num_experts_per_tok"] // extra["topk_group"]
+    x = torch.randn(16, 8, H)
+    with torch.no_grad():
+        want = hf(x)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(megatron(x), want, atol=1e-4)
 
 
 def test_bf16_block_keeps_expert_dtype():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..models import MoETransformerLM
-from ..models.balancing import MoEBalancing
+from ..model_moe import MoEBalancing
 from ..models.transformer import LMOutput
 from ..parallel.state import ParallelState
 from .checkpoints import load_lm_checkpoint

@@ -53,6 +53,7 @@ from deepspeed.utils import groups
 from ..dispatch import make_dispatcher
 from ..layer import MoELayer
 from ..parallel.consistency import check_same_on_ranks
+from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
 from ..parallel.state import ParallelState
 from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
 
@@ -327,11 +328,6 @@ def unwrap_moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every ``MoELayer`` of ``model`` in module order, wrapped or not."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Parameter groups for DeepSpeed's optimizer: the plain loop's decay rule, split for MoE.
 
@@ -379,14 +375,13 @@ def train_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, paralle
     with ZeRO, NaN when DeepSpeed computed none).
     """
     from ..parallel.grads import clip_gradients
-    from ..training.loop import cross_entropy
+    from ..training.loop import next_token_loss
     from ..training.optim import set_lr
 
     set_lr(engine.optimizer, lr)
-    ce = cross_entropy(engine(batch[:, :-1]), batch[:, 1:])
-    layers = moe_layers(model)
-    aux = sum((layer.aux_loss.float() for layer in layers), ce.new_zeros(()))
-    stats = [layer.last_stats for layer in layers]
+    ce = next_token_loss(engine, batch)
+    aux = total_aux_loss(model)
+    stats = [layer.last_stats for layer in moe_layers(model)]
     engine.backward(ce + aux)
     norm = None
     if engine.zero_optimization_stage() == 0:
@@ -395,6 +390,5 @@ def train_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, paralle
     if norm is None:
         ds_norm = engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
-    for layer in layers:  # == model.update_moe_bias() of MoETransformerLM, wrapped layers included
-        layer.update_bias()
+    update_moe_bias(model)
     return ce.detach(), aux.detach(), norm.detach().float(), stats

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoELayer
+from ..model_moe import MoEBalancing
 from ..parallel.state import ParallelState
-from .balancing import MoEBalancing
 from .config import ModelConfig
 from .layers import CausalSelfAttention, DenseFFN, RMSNorm
 

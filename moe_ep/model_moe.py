@@ -1,0 +1,87 @@
+"""A whole model's MoE layers: collect them, sum their auxiliary losses, step their V3 bias, count parameters.
+
+These work on any ``nn.Module`` that holds ``MoELayer``s: ``MoETransformerLM``,
+a transformers DeepSeek model after ``moe_ep.hf_model.expert_parallelize``,
+and either one after ``integrations.deepspeed.wrap_moe_layers`` (the wrapper
+holds the layer, so it is found too). The training loops use them:
+
+    loss = task_loss + total_aux_loss(model)       after the forward
+    ...optimizer step...
+    update_moe_bias(model)                         once per optimizer step
+
+``MoEBalancing`` gives a model class the same four as methods
+(``moe_layers()``, ``aux_loss()``, ``update_moe_bias()``, ``parameter_counts()``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layer import MoELayer
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every ``MoELayer`` of ``model`` in module order (depth order for a decoder), wrapped or not."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the MoE layers' auxiliary losses of the last forward (fp32; global value, see balance.py)."""
+    total = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for layer in moe_layers(model):
+        total = total + layer.aux_loss.float()
+    return total
+
+
+def update_moe_bias(model: nn.Module) -> None:
+    """One aux-free bias step per MoE layer (V3; a no-op reset for the others); once per optimizer step."""
+    for layer in moe_layers(model):
+        layer.update_bias()
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """total: every parameter of the global model; activated: those one token uses."""
+
+    total: int
+    activated: int
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Parameter counts of the global (unsharded) model, from any rank's shard.
+
+    A routed expert stack (``MoELayer.experts``) holds ``E / ep_size`` of the
+    layer's ``E`` experts on this rank; globally it has ``ep_size`` times its
+    local size, of which a token activates ``K / E`` (its top-K experts).
+    Every other parameter (shared experts, routers, attention, dense FFNs,
+    embeddings) is counted once and is always active, as are expert modules
+    other than ``MoELayer`` (e.g. a transformers MoE block).
+    """
+    total = activated = sum(p.numel() for p in model.parameters())
+    for layer in moe_layers(model):
+        shard = sum(p.numel() for p in layer.experts.parameters())
+        routed = shard * layer.parallel.ep_size
+        total += routed - shard
+        activated += routed * layer.config.num_experts_per_tok // layer.config.n_routed_experts - shard
+    return ParameterCounts(total=total, activated=activated)
+
+
+class MoEBalancing:
+    """Mixin for ``nn.Module`` language models whose FFNs may be ``MoELayer``s (none is fine)."""
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE FFNs, in depth order."""
+        return moe_layers(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses of the last forward; 0 without MoE."""
+        return total_aux_loss(self)
+
+    def update_moe_bias(self) -> None:
+        """One aux-free bias step per MoE layer; call once per optimizer step."""
+        update_moe_bias(self)
+
+    def parameter_counts(self) -> ParameterCounts:
+        return parameter_counts(self)

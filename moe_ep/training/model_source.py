@@ -1,0 +1,101 @@
+"""What the launchers train: a preset ``MoETransformerLM``, or a transformers DeepSeek causal LM (``--hf-model``).
+
+Both launchers (launch/train.py, launch/ds_train.py) call ``build_model`` with
+their parsed arguments; it reads ``hf_model``, ``preset``, ``moe`` (the
+``--moe FIELD=VALUE`` overrides), ``data``, ``max_data_bytes`` and ``save_hf``.
+
+* Preset: ``MoETransformerLM(ModelConfig.preset(preset) with the overrides)``
+  on the byte corpus of ``moe_ep.data.load_corpus``.
+* ``--hf-model DIR``: ``AutoModelForCausalLM.from_pretrained(DIR)`` in fp32
+  (the loop trains fp32 weights), KV cache off, made expert-parallel by
+  ``moe_ep.hf_model.expert_parallelize(model, parallel, **overrides)`` on the
+  CPU (only this rank's experts reach the device), then moved to the device.
+  Data: the byte corpus when the model's vocabulary has at least 256 entries
+  (bytes are valid ids); otherwise the same text encoded by the folder's
+  tokenizer (``tokenize_corpus``).
+* ``--save-hf DIR`` (``save_hf``, collective): the trained model as a
+  transformers folder, plus the tokenizer when the run used one.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import VOCAB_SIZE, Corpus, load_corpus, tokenize_corpus
+from ..hf_model import expert_parallelize, save_hf_pretrained
+from ..models import ModelConfig, MoETransformerLM
+from ..parallel.state import ParallelState
+from .config import TrainConfig, parse_field_overrides
+
+
+@dataclass
+class ModelSource:
+    """The model on its device, its corpus, the tokenizer (None: bytes) and its description for run.json."""
+
+    model: nn.Module
+    corpus: Corpus
+    tokenizer: Any
+    info: dict
+
+
+def default_seq_len(args: argparse.Namespace) -> int:
+    """The preset's ``max_seq_len``; ``TrainConfig``'s default for a transformers model."""
+    return TrainConfig.seq_len if args.hf_model else ModelConfig.preset(args.preset).max_seq_len
+
+
+def build_model(args: argparse.Namespace, parallel: ParallelState, device: torch.device, seed: int) -> ModelSource:
+    """The launchers' model and corpus (see the module docstring); ``seed`` initialises a preset model."""
+    if args.save_hf and not args.hf_model:
+        raise SystemExit("--save-hf needs --hf-model (a preset model is not a transformers model)")
+    overrides = parse_field_overrides(args.moe)
+    if not args.hf_model:
+        base = ModelConfig.preset(args.preset)
+        config = base.replace(moe=base.moe.replace(**overrides))
+        model = MoETransformerLM(config, parallel, seed=seed).to(device)
+        return ModelSource(model, load_corpus(args.data, max_bytes=args.max_data_bytes), None, config.to_dict())
+    model = _load_hf_causal_lm(args.hf_model, parallel, device, overrides)
+    corpus, tokenizer = hf_corpus(args.hf_model, model.config.vocab_size, args.data, args.max_data_bytes)
+    info = dict(hf_model=args.hf_model, config=model.config.to_dict(), moe_overrides=overrides)
+    return ModelSource(model, corpus, tokenizer, info)
+
+
+def _load_hf_causal_lm(folder: str, parallel: ParallelState, device: torch.device, overrides: dict) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(folder) / "config.json").is_file():
+        raise SystemExit(f"--hf-model {folder}: no config.json there (expected a folder written by save_pretrained)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.use_cache = False
+    return expert_parallelize(model, parallel, **overrides).to(device)
+
+
+def hf_corpus(folder: str, vocab_size: int, data: str | None, max_bytes: int) -> tuple[Corpus, Any]:
+    """(corpus, tokenizer or None) for a model of ``vocab_size`` tokens from ``folder`` (module docstring)."""
+    corpus = load_corpus(data, max_bytes=max_bytes)
+    if vocab_size >= VOCAB_SIZE:
+        return corpus, None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--hf-model {folder}: the vocabulary has {vocab_size} < {VOCAB_SIZE} entries, so bytes "
+                         f"are not valid ids, and the folder's tokenizer does not load: {err}") from err
+    if len(tokenizer) > vocab_size:
+        raise SystemExit(f"--hf-model {folder}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size {vocab_size}")
+    return tokenize_corpus(corpus, tokenizer), tokenizer
+
+
+def save_hf(source: ModelSource, folder: str) -> None:
+    """Write the trained transformers model (and the tokenizer, if the run used one) to ``folder``; collective."""
+    save_hf_pretrained(source.model, folder)
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if source.tokenizer is not None and is_rank0:
+        source.tokenizer.save_pretrained(folder)
