@@ -22,7 +22,8 @@ import torch.distributed as dist
 import moe_ep
 from moe_ep.data import BatchSampler, load_corpus
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
-from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
+from moe_ep.checkpoint import latest_checkpoint
+from moe_ep.training import TrainConfig, plot_run, train
 from moe_ep.training.config import parse_field_overrides
 
 _DEFAULTS = TrainConfig()
@@ -51,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps between checkpoints; 0: none (default)")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
     p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
-                   help="resume from OUT/ckpt's latest complete checkpoint, or from CKPT_DIR")
+    p.add_argument("--resume", nargs="?", const="latest", default="auto", metavar="auto|latest|none|CKPT_DIR",
+                   help="auto (default): continue from OUT/ckpt's latest complete checkpoint if there is one, "
+                        "else start fresh; latest (bare --resume): the same but fail without one; none: start "
+                        "fresh; CKPT_DIR: continue from that checkpoint (written at any layout)")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
     p.add_argument("--out", default=_DEFAULTS.out_dir, help="output folder (metrics, plots, checkpoints)")
     return p.parse_args(argv)
@@ -72,6 +75,18 @@ def setup_parallel(ep_size: int, nodes) -> tuple[moe_ep.ParallelState, torch.dev
     return moe_ep.init_expert_parallel(ep_size=ep_size, nodes=nodes), device
 
 
+def resume_point(resume: str, out: Path):
+    """The checkpoint folder ``--resume`` names, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume in ("auto", "latest"):
+        found = latest_checkpoint(out)
+        if found is None and resume == "latest":
+            raise SystemExit(f"--resume: no complete checkpoint under {out / 'ckpt'}")
+        return found
+    return Path(resume)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     parallel, device = setup_parallel(args.ep_size, args.nodes)
@@ -83,9 +98,7 @@ def main(argv=None) -> None:
                       weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, val_batches=args.val_batches,
                       seed=args.seed, out_dir=args.out)
-    resume = latest_checkpoint(Path(args.out)) if args.resume == "latest" else args.resume
-    if args.resume == "latest" and resume is None:
-        raise SystemExit(f"--resume: no complete checkpoint under {args.out}/ckpt")
+    resume = resume_point(args.resume, Path(args.out))
 
     torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
     corpus = load_corpus(args.data, max_bytes=args.max_data_bytes)
@@ -98,13 +111,15 @@ def main(argv=None) -> None:
                         data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
                         resumed_from=str(resume) if resume else None)
+        if resume:
+            print(f"[moe_ep] resuming from {resume}", flush=True)
         (Path(args.out) / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[moe_ep] {args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, world {parallel.world_size} "
               f"(dp {parallel.dp_size} x ep {parallel.ep_size}), {device}, "
               f"{corpus.train.numel() / 1e6:.1f}M train / {corpus.val.numel() / 1e6:.2f}M val tokens", flush=True)
 
-    result = train(model, sampler, parallel, cfg, resume_from=Path(resume) if resume else None)
+    result = train(model, sampler, parallel, cfg, resume_from=resume)
 
     if rank == 0:
         plots = plot_run(Path(args.out))

@@ -1,8 +1,6 @@
-"""Training loop, metrics, plots and checkpoints shared by the launchers (launch/train.py)."""
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+"""Training loop, metrics and plots shared by the launchers (launch/train.py); checkpoints are ``moe_ep.checkpoint``."""
 from .config import TrainConfig
 from .loop import RunResult, evaluate, train
 from .plots import plot_run
 
-__all__ = ["RunResult", "TrainConfig", "evaluate", "latest_checkpoint", "load_checkpoint", "plot_run",
-           "save_checkpoint", "train"]
+__all__ = ["RunResult", "TrainConfig", "evaluate", "plot_run", "train"]

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import BatchSampler
 from ..models import MoETransformerLM
 from ..parallel.grads import clip_gradients, sync_gradients
 from ..parallel.state import ParallelState
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import IntervalMeter, MetricsLog, ProgressBar
 from .optim import build_optimizer, lr_at, set_lr
@@ -84,8 +84,8 @@ def train(model: MoETransformerLM, sampler: BatchSampler, parallel: ParallelStat
           resume_from: Optional[Path] = None) -> RunResult:
     """Train ``model`` to ``cfg.steps`` updates on every rank; see the module docstring.
 
-    ``resume_from``: a complete checkpoint folder of the same layout; the run
-    continues from its step. The model must already be on its device.
+    ``resume_from``: a complete checkpoint folder, written at any layout
+    (``moe_ep.checkpoint``); the run continues from its step. The model must already be on its device.
     """
     out_dir = Path(cfg.out_dir)
     is_rank0 = not parallel.distributed or dist.get_rank() == 0
