@@ -36,7 +36,7 @@ def parallel_for(world: int, ep_size: int):
     return moe_ep.init_expert_parallel(ep_size=ep_size) if world > 1 else moe_ep.ParallelState()
 
 
-def _setup(world: int, ep_size: int, out_dir, steps: int = STEPS):
+def setup(world: int, ep_size: int, out_dir, steps: int = STEPS):
     import torch.distributed as dist
 
     from moe_ep.data import BatchSampler, load_corpus
@@ -66,7 +66,7 @@ def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
     return out
 
 
-def _manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
+def manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
     from moe_ep.parallel.grads import clip_gradients, sync_gradients
     from moe_ep.training.loop import cross_entropy
 
@@ -86,9 +86,9 @@ def write_reference(rank: int, world: int, ep_size: int, root: str) -> None:
     from moe_ep.checkpoint import save_checkpoint
     from moe_ep.training.optim import build_optimizer
 
-    parallel, cfg, sampler, model = _setup(world, ep_size, Path(root) / "exact")
+    parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact")
     optimizer = build_optimizer(model, cfg)
-    _manual_steps(model, optimizer, sampler, parallel, cfg, 2)
+    manual_steps(model, optimizer, sampler, parallel, cfg, 2)
     save_checkpoint(Path(root) / "exact", 2, model, optimizer, sampler, parallel, cfg)
     reference = full_state(model, optimizer, parallel)
     if rank == 0:
@@ -100,7 +100,7 @@ def load_and_compare(world: int, ep_size: int, root: str) -> dict:
     from moe_ep.checkpoint import load_checkpoint
     from moe_ep.training.optim import build_optimizer
 
-    parallel, cfg, sampler, model = _setup(world, ep_size, Path(root) / "exact-load")
+    parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact-load")
     before = full_state(model, build_optimizer(model, cfg), parallel)
     optimizer = build_optimizer(model, cfg)
     step = load_checkpoint(Path(root) / "exact" / "ckpt" / "step_0002", model, optimizer, sampler, parallel, cfg)
@@ -115,7 +115,7 @@ def train_run(world: int, ep_size: int, out_dir: str, resume_from: str | None) -
     """``moe_ep.training.train`` at (world, ep_size), from scratch or resumed; metrics go to ``out_dir``."""
     from moe_ep.training import train
 
-    parallel, cfg, sampler, model = _setup(world, ep_size, out_dir)
+    parallel, cfg, sampler, model = setup(world, ep_size, out_dir)
     train(model, sampler, parallel, cfg, resume_from=Path(resume_from) if resume_from else None)
 
 

@@ -36,17 +36,50 @@ def start_torchrun(args: list[str], log: Path, restarts: int = 0) -> subprocess.
     """launch/train.py on 2 processes under torchrun (the returned process is the agent), output to ``log``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", str(restarts), str(REPO / "launch" / "train.py"), *args]
+    # torch 2.13's agent shares its TCPStore with the workers and keeps it across restarts, so restarted
+    # workers can read the dead attempt's gloo addresses and fail to connect (pytorch/pytorch#135712):
+    # torch's own switch gives every attempt a fresh store (docs/training.md).
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     with log.open("w") as sink:  # a file, not a pipe: nobody reads while the run goes on
-        return subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """{LOCAL_RANK: pid} of the worker processes the torchrun agent ``agent_pid`` started (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        if "LOCAL_RANK" in env:
+            found[int(env["LOCAL_RANK"])] = int(entry.name)
+    return found
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the torchrun agent's process group and its workers (torchrun starts each in its own session)."""
+    workers = worker_pids(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
-    """Wait for ``proc``; return its output, fail on error or timeout (killing its process group)."""
+    """Wait for ``proc``; return its output, fail on error or timeout (killing the agent and its workers)."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         pytest.fail(f"torchrun timed out after {timeout}s (a hang?)\n{log.read_text()[-4000:]}")
     output = log.read_text()
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-4000:]}"
@@ -86,23 +119,6 @@ def test_metrics_plots_and_checkpoints(trained_run):
         assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 
-def worker_pids(agent_pid: int) -> dict[int, int]:
-    """{LOCAL_RANK: pid} of the worker processes the torchrun agent ``agent_pid`` started (from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue  # exited meanwhile
-        if "LOCAL_RANK" in env:
-            found[int(env["LOCAL_RANK"])] = int(entry.name)
-    return found
-
-
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     folder = out / "ckpt" / f"step_{STEPS:04d}"
     model = MoETransformerLM(ModelConfig.from_dict(read_manifest(folder)["model_config"]), seed=123)
@@ -126,8 +142,7 @@ def test_killed_worker_restarts_and_resumes_by_itself(trained_run, tmp_path):
         victim = worker_pids(proc.pid)[1]
         os.kill(victim, signal.SIGKILL)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         raise
     output = finish(proc, log, timeout=150)
     assert "SIGKILL" in output or "Signals.SIGKILL" in output or "exitcode: -9" in output, output[-3000:]

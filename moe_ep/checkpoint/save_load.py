@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -78,12 +79,6 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     """
     folder = Path(folder)
     rank = _rank(parallel)
-    if rank == 0:
-        if folder.exists():
-            (folder / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    _barrier(parallel)
     flat = FlatState(model, parallel)
     tensors = flat.model_tensors()
     contents = ["model"]
@@ -96,6 +91,12 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     if rng:
         tensors.update(rng_tensors(rank))
         contents.append("rng")
+    if rank == 0:
+        if folder.exists():
+            (folder / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    _barrier(parallel)
     save_tensors(tensors, folder, _group(parallel))
     _barrier(parallel)  # every rank's files are on disk before the manifest marks the folder complete
     if rank == 0:
@@ -160,9 +161,22 @@ def _reseed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
-                    parallel: ParallelState, cfg: TrainConfig) -> int:
-    """Restore the training state of ``folder`` (written at any layout); return the step to continue from.
+@dataclass
+class RestoredState:
+    """What ``restore_training_state`` read besides the weights: the step and the optimizer state to install."""
+
+    step: int
+    optimizer_state: dict
+    flat: FlatState
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Install the saved state into ``optimizer`` (over the model's own parameters, any param groups)."""
+        self.flat.load_optimizer_state(optimizer, self.optimizer_state)
+
+
+def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler, parallel: ParallelState,
+                           cfg: TrainConfig) -> RestoredState:
+    """Load weights, buffers and RNG of ``folder`` (written at any layout) into this run; read its optimizer state.
 
     Raises ``CheckpointError`` (a ``ValueError``) naming the file or field
     when the checkpoint is incomplete, damaged, holds no optimizer state, or
@@ -186,15 +200,24 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     flat = FlatState(model, parallel)
     saved = read_metadata(folder).state_dict_metadata
     targets = _model_targets(flat, set(saved), folder)
-    optim_targets, optim_state = flat.optimizer_targets(
-        optimizer, {k: m for k, m in saved.items() if k.startswith(OPTIM)})
+    optim_targets, optim_state = flat.optimizer_targets({k: m for k, m in saved.items() if k.startswith(OPTIM)})
     same_world = manifest["layout"]["world_size"] == parallel.world_size
     rng = {k: torch.empty_like(v) for k, v in rng_tensors(rank).items()
            if k in saved} if same_world and "rng" in manifest["contents"] else {}
     load_tensors({**targets, **optim_targets, **rng}, folder, _group(parallel))
-    flat.load_optimizer_state(optimizer, optim_state)
     if rng:
         restore_rng(rng, rank)
     else:
         torch.manual_seed(_reseed(cfg.seed, step, rank))
-    return step
+    return RestoredState(step, optim_state, flat)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
+                    parallel: ParallelState, cfg: TrainConfig) -> int:
+    """Restore the training state of ``folder`` (written at any layout); return the step to continue from.
+
+    ``restore_training_state`` then the optimizer state into ``optimizer``.
+    """
+    restored = restore_training_state(folder, model, sampler, parallel, cfg)
+    restored.load_optimizer(optimizer)
+    return restored.step

@@ -95,22 +95,23 @@ class FlatState:
                     out[f"{OPTIM}{name}.{field}"] = self.globalize(name, value) if value.dim() else value
         return out
 
-    def optimizer_targets(self, optimizer: torch.optim.Optimizer, saved: dict) -> tuple[dict, dict]:
+    def optimizer_targets(self, saved: dict) -> tuple[dict, dict]:
         """(DCP targets, per-parameter local tensors) for the optimizer state listed in ``saved``.
 
         ``saved`` maps each ``optim.<name>.<field>`` key of the checkpoint to
         its metadata (global size, dtype). Parameter-shaped fields get fresh
-        local tensors of this rank's shard; scalars get scalar tensors.
+        local tensors of this rank's shard; scalars get scalar tensors. No
+        optimizer is needed yet (``load_optimizer_state`` installs them).
         """
-        by_name = {self.names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+        params = dict(self.model.named_parameters())
         targets, state = {}, {}
         for key, meta in saved.items():
             name, field = key[len(OPTIM):].rsplit(".", 1)
-            if name not in by_name:
+            if name not in params:
                 raise CheckpointError(f"optimizer state {key!r} belongs to no parameter of this model")
-            p = by_name[name]
             dtype = meta.properties.dtype
-            local = torch.empty((), dtype=dtype) if len(meta.size) == 0 else torch.empty_like(p, dtype=dtype)
+            local = torch.empty((), dtype=dtype) if len(meta.size) == 0 else torch.empty_like(params[name],
+                                                                                               dtype=dtype)
             state.setdefault(name, {})[field] = local
             targets[key] = self.globalize(name, local) if local.dim() else local
         return targets, state
