@@ -48,6 +48,11 @@ TOL = 1e-5
 @pytest.fixture(autouse=True)
 def _cpu_accelerator(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the spawned ranks before they import deepspeed
+    # DeepSpeed JIT-builds its shared-memory op into torch's extension cache. The default cache is shared by
+    # every Python environment of the user, each of which rebuilds it (the build command names its own
+    # paths) behind one lock file, and a build killed midway leaves the lock behind, stalling every later
+    # start. A cache inside this environment is built once and used by this environment alone.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def test_zero_stages_match_plain_loop_and_checkpoints_restore(tmp_path):
