@@ -128,13 +128,9 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def open_checkpoint(folder: Path, model: nn.Module) -> dict:
-    """Read and check ``folder`` for ``model``: manifest, file checksums, model config; returns the manifest."""
-    folder = Path(folder)
+def open_checkpoint(folder: Path) -> dict:
+    """The manifest of ``folder`` after checking every file's size and checksum against it."""
     manifest = read_manifest(folder)
-    diff = _differences(manifest["model_config"], _as_json(model.config.to_dict()))
-    if diff:
-        raise CheckpointError(f"{folder / MANIFEST}: the model config differs from this run's: " + "; ".join(diff))
     verify_files(folder, manifest)
     return manifest
 
@@ -148,8 +144,14 @@ def _model_targets(flat: FlatState, saved_keys: set, folder: Path) -> dict:
 
 
 def load_weights(folder: Path, model: nn.Module, parallel: ParallelState) -> dict:
-    """Load the model weights and buffers of ``folder`` (written at any layout) into ``model``; returns the manifest."""
-    manifest = open_checkpoint(folder, model)
+    """Load the model weights and buffers of ``folder`` (written at any layout) into ``model``; returns the manifest.
+
+    Collective over ``parallel``'s world. Every tensor of ``model`` must be in
+    the checkpoint with the same global shape and dtype, and the checkpoint
+    may hold no other model tensor; config fields that shape no tensor (eval
+    capacity, routing coefficients...) may differ from the manifest's.
+    """
+    manifest = open_checkpoint(folder)
     flat = FlatState(model, parallel)
     saved = read_metadata(folder).state_dict_metadata
     load_tensors(_model_targets(flat, set(saved), Path(folder)), Path(folder), _group(parallel))
@@ -183,7 +185,10 @@ def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler
     belongs to another model, data or trajectory (see the module docstring).
     """
     folder = Path(folder)
-    manifest = open_checkpoint(folder, model)
+    manifest = open_checkpoint(folder)
+    diff = _differences(manifest["model_config"], _as_json(model.config.to_dict()))
+    if diff:
+        raise CheckpointError(f"{folder / MANIFEST}: the model config differs from this run's: " + "; ".join(diff))
     if "optimizer" not in manifest["contents"] or manifest.get("train_config") is None:
         raise CheckpointError(f"{folder}: holds {manifest['contents']} without a training state (converted "
                               f"weights?); it can initialise a model but not resume training")

@@ -36,12 +36,14 @@ MODEL, OPTIM, RNG = "model.", "optim.", "rng."
 
 
 def checkpoint_mesh(parallel: ParallelState, device_type: str) -> Optional[DeviceMesh]:
-    """The (dp, ep) mesh of ``parallel``; built from every rank's (dp_rank, ep_rank) when the state has none
-    (DeepSpeed's groups); None on one process."""
+    """A (dp, ep) DeviceMesh over ``parallel``'s own groups (no new group is created); None on one process.
+
+    Built from ``edp_group`` / ``ep_group`` and every rank's (dp_rank,
+    ep_rank), so it fits any ``ParallelState``: ``init_expert_parallel``'s
+    mesh or DeepSpeed's groups.
+    """
     if not parallel.distributed:
         return None
-    if parallel.mesh is not None:
-        return parallel.mesh
     coords = torch.tensor([parallel.dp_rank, parallel.ep_rank], device=device_type)
     gathered = [torch.empty_like(coords) for _ in range(parallel.world_size)]
     dist.all_gather(gathered, coords, group=parallel.world_group)
@@ -51,7 +53,8 @@ def checkpoint_mesh(parallel: ParallelState, device_type: str) -> Optional[Devic
     if (grid < 0).any():
         raise CheckpointError(f"the ranks' (dp, ep) coordinates do not tile a {parallel.dp_size} x "
                               f"{parallel.ep_size} mesh: {grid.tolist()}")
-    return DeviceMesh(device_type, grid, mesh_dim_names=("dp", "ep"))
+    return DeviceMesh.from_group([parallel.edp_group, parallel.ep_group], device_type, mesh=grid,
+                                 mesh_dim_names=("dp", "ep"))
 
 
 class FlatState:
