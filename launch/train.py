@@ -22,8 +22,7 @@ import torch.distributed as dist
 import moe_ep
 from moe_ep.data import BatchSampler, load_corpus
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
-from moe_ep.checkpoint import latest_checkpoint
-from moe_ep.training import TrainConfig, plot_run, train
+from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
 from moe_ep.training.config import parse_field_overrides
 
 _DEFAULTS = TrainConfig()

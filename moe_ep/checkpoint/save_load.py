@@ -82,11 +82,8 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     flat = FlatState(model, parallel)
     tensors = flat.model_tensors()
     contents = ["model"]
-    if optimizer is not None:
-        optim = flat.optimizer_tensors(optimizer)
-        if not optim:
-            raise CheckpointError("write_checkpoint: the optimizer has no state yet (no step taken)")
-        tensors.update(optim)
+    if optimizer is not None:  # an optimizer that has not stepped yet has no state: saved as such
+        tensors.update(flat.optimizer_tensors(optimizer))
         contents.append("optimizer")
     if rng:
         tensors.update(rng_tensors(rank))
