@@ -11,7 +11,8 @@ the MoE bias update. From the DeepSpeed config come the micro batch per rank
 the gradient clipping and the ZeRO stage (0, 1 or 2); the warmup + cosine schedule of the plain loop is
 applied by this script each step. Outputs in ``--out``: ``run.json``, ``metrics.jsonl`` (the fields of
 ``moe_ep/training/metrics.py``), ``loss.png``, ``expert_load.png`` and, with ``--ckpt-every``, DeepSpeed
-checkpoints under ``ds_ckpt/`` (``--resume`` continues from the latest). docs/deepspeed.md has the details.
+checkpoints under ``ds_ckpt/`` (``--resume`` continues from the latest). ``--init-from CKPT`` continues from a
+moe_ep checkpoint of launch/train.py written at any layout. docs/deepspeed.md has the details.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from moe_ep.checkpoint import restore_training_state  # noqa: E402
 from moe_ep.data import BatchSampler  # noqa: E402
 from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, grad_clip_plan, moe_layers,  # noqa: E402
                                            optimizer_param_groups, train_step, wrap_moe_layers)
@@ -72,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=_DEFAULTS.ckpt_every,
                    help="steps between DeepSpeed checkpoints (OUT/ds_ckpt); 0: none (default)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ds_ckpt")
+    p.add_argument("--init-from", default=None, metavar="CKPT_DIR",
+                   help="continue from a moe_ep checkpoint (launch/train.py's, any layout): weights, V3 bias, step "
+                        "and data position; AdamW moments too when DeepSpeed runs torch's AdamW on the model's "
+                        "parameters (ZeRO stage 0), else they restart from zero")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
     p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
@@ -80,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.deepspeed_config:
         p.error("--deepspeed_config is required (e.g. launch/ds_config.json)")
+    if args.resume and args.init_from:
+        p.error("--resume (DeepSpeed's checkpoints) and --init-from (a moe_ep checkpoint) exclude each other")
     return args
 
 
@@ -122,17 +130,30 @@ def main(argv=None) -> None:
     source = build_model(args, parallel, device, seed=cfg.seed)
     model, corpus = source.model, source.corpus
     sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
+    restored = None
+    if args.init_from:
+        if args.hf_model:
+            raise SystemExit("--init-from takes a moe_ep checkpoint of a preset model; it does not apply to --hf-model")
+        restored = restore_training_state(Path(args.init_from), model, sampler, parallel, cfg)
     wrap_moe_layers(model, args.ep_size)
     engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
                                            model_parameters=optimizer_param_groups(model, cfg.weight_decay))
 
     start = 0
+    if restored is not None:
+        start = restored.step
+        if isinstance(engine.optimizer, torch.optim.AdamW):
+            restored.load_optimizer(engine.optimizer)
+        elif rank == 0:
+            print(f"[moe_ep/deepspeed] --init-from: {type(engine.optimizer).__name__} keeps AdamW state in its own "
+                  f"partitions; the moments restart from zero (weights, step and data position are restored)",
+                  flush=True)
     if args.resume:
         load_path, client_state = engine.load_checkpoint(str(out_dir / CKPT_DIR))
         if load_path is None:
             raise SystemExit(f"--resume: no DeepSpeed checkpoint under {out_dir / CKPT_DIR}")
-        # the data position is saved by rank 0; every rank checks it against its own sampler
-        start = sampler.check_resume(dict(client_state["data"], rank=rank))
+        # the data position is saved by rank 0 (layout-free); every rank checks it against its own sampler
+        start = sampler.check_resume(client_state["data"])
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         run_info = dict(model=source.info, train=cfg.to_dict(), world_size=parallel.world_size,
@@ -141,7 +162,7 @@ def main(argv=None) -> None:
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
                         deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, config=ds_config,
                                        clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
-                        resumed_at_step=start or None)
+                        resumed_at_step=start or None, init_from=args.init_from)
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[moe_ep/deepspeed] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "

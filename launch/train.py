@@ -42,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=None,
                    help="nodes one EP group spans (default: from LOCAL_WORLD_SIZE); set it to emulate nodes")
     add_loop_arguments(p, out_default=TrainConfig().out_dir)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
-                   help="resume from OUT/ckpt's latest complete checkpoint, or from CKPT_DIR")
+    p.add_argument("--resume", nargs="?", const="latest", default="auto", metavar="auto|latest|none|CKPT_DIR",
+                   help="auto (default): continue from OUT/ckpt's latest complete checkpoint if there is one, "
+                        "else start fresh; latest (bare --resume): the same but fail without one; none: start "
+                        "fresh; CKPT_DIR: continue from that checkpoint (written at any layout)")
     return p.parse_args(argv)
 
 
@@ -61,14 +63,24 @@ def setup_parallel(ep_size: int, nodes) -> tuple[moe_ep.ParallelState, torch.dev
     return moe_ep.init_expert_parallel(ep_size=ep_size, nodes=nodes), device
 
 
+def resume_point(resume: str, out: Path):
+    """The checkpoint folder ``--resume`` names, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume in ("auto", "latest"):
+        found = latest_checkpoint(out)
+        if found is None and resume == "latest":
+            raise SystemExit(f"--resume: no complete checkpoint under {out / 'ckpt'}")
+        return found
+    return Path(resume)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     parallel, device = setup_parallel(args.ep_size, args.nodes)
     rank = dist.get_rank() if parallel.distributed else 0
     cfg = loop_config(args, default_seq_len=default_seq_len(args))
-    resume = latest_checkpoint(Path(args.out)) if args.resume == "latest" else args.resume
-    if args.resume == "latest" and resume is None:
-        raise SystemExit(f"--resume: no complete checkpoint under {args.out}/ckpt")
+    resume = resume_point(args.resume, Path(args.out))
 
     torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
     source = build_model(args, parallel, device, seed=cfg.seed)
@@ -81,13 +93,15 @@ def main(argv=None) -> None:
                         data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
                         resumed_from=str(resume) if resume else None)
+        if resume:
+            print(f"[moe_ep] resuming from {resume}", flush=True)
         (Path(args.out) / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[moe_ep] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "
               f"world {parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), {device}, "
               f"{corpus.train.numel() / 1e6:.1f}M train / {corpus.val.numel() / 1e6:.2f}M val tokens", flush=True)
 
-    result = train(model, sampler, parallel, cfg, resume_from=Path(resume) if resume else None)
+    result = train(model, sampler, parallel, cfg, resume_from=resume)
 
     if rank == 0:
         plots = plot_run(Path(args.out))

@@ -23,7 +23,9 @@ are ``[:, :-1]``, targets ``[:, 1:]``). The global batch of step ``s`` holds
 ``numpy.random.default_rng([seed, s])``; rank ``r`` takes windows
 ``[r * B, (r + 1) * B)``. Every rank of the world is a data source
 (expert-parallel ranks included), the global batch depends only on
-(seed, step, B * world_size), and the sampler has no state beyond the step.
+(seed, step, B * world_size), and the sampler has no state beyond the step:
+runs at different world sizes with the same global batch see the same
+global batches, split differently.
 Validation windows are fixed: ``n_batches * B * world_size`` starts evenly
 spaced over the validation split, sharded the same way.
 """
@@ -180,9 +182,14 @@ class BatchSampler:
                 for i in range(n_batches)]
 
     def state_dict(self, step: int) -> dict:
-        """The data position of ``step`` and what it depends on (compared on resume)."""
-        return dict(step=step, seed=self.seed, batch_size=self.batch_size, seq_len=self.seq_len,
-                    rank=self.rank, world_size=self.world_size, corpus=self.corpus.fingerprint)
+        """The data position of ``step`` and what the global batches depend on (compared on resume).
+
+        Layout-free: the global batch size, not this rank's share, so a run
+        at another world size with the same global batch resumes the same
+        sequence of global batches.
+        """
+        return dict(step=step, seed=self.seed, global_batch_size=self.batch_size * self.world_size,
+                    seq_len=self.seq_len, corpus=self.corpus.fingerprint)
 
     def check_resume(self, state: dict) -> int:
         """The step to continue from; raises if the saved position belongs to other data."""

@@ -264,3 +264,33 @@ def wrapper_properties(rank: int, world: int) -> dict:
     out["unwrapped_model_finds_layers"] = len(model.moe_layers())
     out["wrapper_type_ok"] = isinstance(wrappers[0], DeepSpeedMoE)
     return out
+
+
+def checkpoint_conversion(rank: int, world: int, root: str) -> dict:
+    """Engine checkpoint (ep 2) -> moe_ep format -> DeepSpeed files -> a fresh engine: weights equal throughout."""
+    import torch.distributed as dist
+
+    from moe_ep.checkpoint.convert import from_deepspeed, load_model, to_deepspeed
+    from moe_ep.integrations.deepspeed import deepspeed_parallel_state, moe_layers
+
+    cfg = train_config()
+    sampler = _sampler(cfg, rank, world)
+    parallel = deepspeed_parallel_state(2)
+    engine, model, clip = _engine(parallel, cfg, 0, seed=0, ep_size=2)
+    _ds_steps(engine, model, parallel, sampler, cfg, clip, range(1))
+    engine.save_checkpoint(str(Path(root) / "engine"), tag="t")
+    full = {k: v for k, v in _state(model).items() if ".experts." not in k}
+    for name, layer in ((n.replace(PLAIN_NAME, "."), m) for n, m in model.named_modules() if m in moe_layers(model)):
+        full.update({f"{name.removesuffix('.moe')}.{k}": v for k, v in layer.full_state_dict().items()
+                     if k.startswith("experts.")})
+    if rank == 0:  # conversions are single-process file operations
+        from_deepspeed(Path(root) / "engine", Path(root) / "moe_ep", tag="t", model_config=model_config().to_dict())
+        to_deepspeed(Path(root) / "moe_ep", Path(root) / "converted", tag="c")
+    dist.barrier()
+    converted = load_model(Path(root) / "moe_ep")
+    from_engine = {k: v for k, v in converted.state_dict().items() if k in full}
+    fresh_engine, fresh, _ = _engine(parallel, cfg, 0, seed=11, ep_size=2)
+    before = _max_diff(_state(model), _state(fresh))
+    fresh_engine.load_checkpoint(str(Path(root) / "converted"), tag="c", load_module_only=True)
+    return dict(keys_equal=sorted(from_engine) == sorted(full), from_engine_diff=_max_diff(full, from_engine),
+                before_load_diff=before, engine_load_diff=_max_diff(_state(model), _state(fresh)))

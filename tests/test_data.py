@@ -91,6 +91,10 @@ def test_resume_position_is_checked(corpus):
     assert sampler.check_resume(sampler.state_dict(42)) == 42
     with pytest.raises(ValueError, match="seed"):
         BatchSampler(corpus, 2, 16, seed=1).check_resume(sampler.state_dict(42))
+    # the position is layout-free: any split of the same global batch resumes it, another global batch does not
+    assert BatchSampler(corpus, 1, 16, seed=0, rank=1, world_size=2).check_resume(sampler.state_dict(42)) == 42
+    with pytest.raises(ValueError, match="global_batch_size"):
+        BatchSampler(corpus, 2, 16, seed=0, rank=1, world_size=2).check_resume(sampler.state_dict(42))
 
 
 def test_too_short_split_raises(tmp_path):

@@ -48,6 +48,11 @@ TOL = 1e-5
 @pytest.fixture(autouse=True)
 def _cpu_accelerator(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the spawned ranks before they import deepspeed
+    # DeepSpeed JIT-builds its shared-memory op into torch's extension cache. The default cache is shared by
+    # every Python environment of the user, each of which rebuilds it (the build command names its own
+    # paths) behind one lock file, and a build killed midway leaves the lock behind, stalling every later
+    # start. A cache inside this environment is built once and used by this environment alone.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def test_zero_stages_match_plain_loop_and_checkpoints_restore(tmp_path):
@@ -84,6 +89,13 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
         assert r["expert_diff"] == 0.0 and r["dense_diff"] == 0.0, r
 
 
+def test_checkpoint_conversion_to_and_from_deepspeed(tmp_path):
+    """``python -m moe_ep.checkpoint convert``'s functions: an engine's files -> moe_ep -> DeepSpeed files -> engine."""
+    for r in run_on_ranks(workers.checkpoint_conversion, 2, str(tmp_path), timeout=180):
+        assert r["keys_equal"] and r["from_engine_diff"] == 0.0, r
+        assert r["before_load_diff"] > 1e-3 and r["engine_load_diff"] == 0.0, r
+
+
 def test_wrapper_marks_deepcopy_and_state_dict_layout():
     results = run_on_ranks(workers.wrapper_properties, 2, timeout=180)
     for r in results:
@@ -118,29 +130,69 @@ def _run(cmd: list[str], timeout: float) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def test_ds_train_writes_the_plain_runs_metrics(tmp_path):
-    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``."""
+COMMON = ["--steps", "4", "--seq-len", "32", "--warmup", "2", "--ep-size", "2", "--log-every", "2", "--val-every", "2",
+          "--val-batches", "1", "--max-data-bytes", str(1 << 18)]
+COMPARED = ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac", "routed_pairs", "processed_pairs",
+            "dropped_pairs")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ds_config(folder: Path, stage: int) -> Path:
     config = json.loads((ROOT / "launch" / "ds_config.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 2
-    (tmp_path / "ds_config.json").write_text(json.dumps(config))
-    common = ["--steps", "4", "--seq-len", "32", "--warmup", "2", "--ep-size", "2", "--log-every", "2",
-              "--val-every", "2", "--val-batches", "1", "--max-data-bytes", str(1 << 18)]
+    config["zero_optimization"] = {"stage": stage}
+    path = folder / f"ds_config_zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _ds_train(config: Path, out: Path, *extra: str) -> None:
     _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-          "launch/ds_train.py", "--deepspeed_config", str(tmp_path / "ds_config.json"), "--out",
-          str(tmp_path / "ds"), *common], timeout=200)
+          "launch/ds_train.py", "--deepspeed_config", str(config), "--out", str(out), *COMMON, *extra], timeout=200)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """``torchrun launch/train.py`` (ep 2, 2 sequences per rank), checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("plain")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          "launch/train.py", "--batch-size", "2", "--out", str(tmp_path / "plain"), *common], timeout=120)
-    ds = [json.loads(line) for line in (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()]
-    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+          "launch/train.py", "--batch-size", "2", "--ckpt-every", "2", "--out", str(out), *COMMON], timeout=120)
+    return out
+
+
+def _assert_records_match(a: dict, b: dict) -> None:
+    for key in COMPARED:
+        if key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
+
+
+def test_ds_train_writes_the_plain_runs_metrics(plain_run, tmp_path):
+    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``."""
+    _ds_train(_ds_config(tmp_path, 1), tmp_path / "ds")
+    ds, plain = _records(tmp_path / "ds"), _records(plain_run)
     assert [r["step"] for r in ds] == [r["step"] for r in plain] == [0, 2, 4]
     for a, b in zip(ds, plain):
         assert set(a) == set(b)
-        for key in ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac", "routed_pairs",
-                    "processed_pairs", "dropped_pairs"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
+        _assert_records_match(a, b)
         if "expert_load" in a:
             flat_a = [v for row in a["expert_load"] for v in row]
             flat_b = [v for row in b["expert_load"] for v in row]
             assert flat_a == pytest.approx(flat_b, abs=1e-5)
     assert (tmp_path / "ds" / "loss.png").exists() and (tmp_path / "ds" / "run.json").exists()
+
+
+def test_ds_train_continues_from_a_moe_ep_checkpoint(plain_run, tmp_path):
+    """``ds_train.py --init-from`` the plain run's step-2 checkpoint (saved at ep 2), at ep 1 with ZeRO 0.
+
+    Weights, bias, step, data position and the AdamW moments (torch AdamW at
+    stage 0) are restored, so steps 3-4 give the plain run's records.
+    """
+    _ds_train(_ds_config(tmp_path, 0), tmp_path / "ds", "--ep-size", "1",
+              "--init-from", str(plain_run / "ckpt" / "step_0002"))
+    ds, plain = _records(tmp_path / "ds"), {r["step"]: r for r in _records(plain_run)}
+    assert [r["step"] for r in ds] == [2, 4]
+    for record in ds:
+        _assert_records_match(record, plain[record["step"]])

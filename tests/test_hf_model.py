@@ -239,14 +239,16 @@ def _check_run_and_saved_model(out, saved, vocab_size):
 
 @pytest.mark.timeout(200)
 def test_train_py_hf_model_with_tokenizer_then_save_hf(tmp_path):
-    from .test_train_torchrun import torchrun
+    from .test_train_torchrun import finish, start_torchrun
 
     folder = tmp_path / "v2"
     tiny_model("v2", vocab_size=120).save_pretrained(folder)
     tiny_tokenizer(120).save_pretrained(folder)
     out, saved = tmp_path / "run", tmp_path / "saved"
-    torchrun(["--hf-model", str(folder), *LAUNCH_FLAGS, "--batch-size", str(BATCH), "--lr", "3e-3",
-              "--moe", "expert_balance_coef=0.01", "--out", str(out), "--save-hf", str(saved)], timeout=180)
+    log = tmp_path / "torchrun.log"
+    finish(start_torchrun(["--hf-model", str(folder), *LAUNCH_FLAGS, "--batch-size", str(BATCH), "--lr", "3e-3",
+                           "--moe", "expert_balance_coef=0.01", "--out", str(out), "--save-hf", str(saved)], log),
+           log, timeout=180)
     _check_run_and_saved_model(out, saved, vocab_size=120)
 
 

@@ -1,44 +1,87 @@
-"""End-to-end training under torchrun (2 gloo processes) and the gradient convention.
+"""End-to-end training under torchrun (2 gloo processes), crash and resume, and the gradient convention.
 
-One short run (``trained_run``) backs the metrics, plots and resume tests; the
-resume test continues that run from its middle checkpoint in a fresh folder
-and requires bitwise equal parameters and optimizer state at the end. Every
-subprocess has a hard timeout and is killed with its whole process group.
+One short run (``trained_run``, ep 2) backs the metrics, plots and checkpoint
+tests and is the uninterrupted reference of the crash test: the same run
+under ``torchrun --max-restarts 1`` has one worker SIGKILLed after its first
+checkpoint; the restarted job must resume by itself and end with the same
+weights. Every subprocess has a hard timeout and is killed with its whole
+process group.
 """
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_ep.checkpoint import load_weights, read_manifest
+from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.parallel.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HALF = 60, 30
-RUN_FLAGS = ["--preset", "tiny", "--ep-size", "1", "--steps", str(STEPS), "--batch-size", "8", "--seq-len", "128",
+RUN_FLAGS = ["--preset", "tiny", "--ep-size", "2", "--steps", str(STEPS), "--batch-size", "8", "--seq-len", "128",
              "--warmup", "10", "--log-every", "10", "--val-every", "30", "--val-batches", "2",
              "--ckpt-every", str(HALF), "--max-data-bytes", str(2 << 20)]
 RECORD_FIELDS = {"step", "loss", "aux_loss", "tokens_per_s", "dropped_frac", "max_vio", "grad_norm", "lr",
                  "expert_load", "routed_pairs", "processed_pairs", "dropped_pairs"}
 
 
-def torchrun(args: list[str], timeout: float = 90.0) -> str:
-    """Run launch/train.py on 2 processes; return its output, fail on error or timeout."""
+def start_torchrun(args: list[str], log: Path, restarts: int = 0) -> subprocess.Popen:
+    """launch/train.py on 2 processes under torchrun (the returned process is the agent), output to ``log``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "launch" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+           "--max-restarts", str(restarts), str(REPO / "launch" / "train.py"), *args]
+    # torch 2.13's agent shares its TCPStore with the workers and keeps it across restarts, so restarted
+    # workers can read the dead attempt's gloo addresses and fail to connect (pytorch/pytorch#135712):
+    # torch's own switch gives every attempt a fresh store (docs/training.md).
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    with log.open("w") as sink:  # a file, not a pipe: nobody reads while the run goes on
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """{LOCAL_RANK: pid} of the worker processes the torchrun agent ``agent_pid`` started (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        if "LOCAL_RANK" in env:
+            found[int(env["LOCAL_RANK"])] = int(entry.name)
+    return found
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the torchrun agent's process group and its workers (torchrun starts each in its own session)."""
+    workers = worker_pids(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """Wait for ``proc``; return its output, fail on error or timeout (killing the agent and its workers)."""
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout}s (a hang?)\n{output[-4000:]}")
+        kill(proc)
+        pytest.fail(f"torchrun timed out after {timeout}s (a hang?)\n{log.read_text()[-4000:]}")
+    output = log.read_text()
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-4000:]}"
     return output
 
@@ -50,7 +93,8 @@ def records(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    torchrun([*RUN_FLAGS, "--out", str(out)])
+    log = out.parent / f"{out.name}.log"
+    finish(start_torchrun([*RUN_FLAGS, "--out", str(out)], log), log, timeout=120)
     return out
 
 
@@ -73,30 +117,43 @@ def test_metrics_plots_and_checkpoints(trained_run):
     for name in ("loss.png", "expert_load.png"):
         assert (trained_run / name).stat().st_size > 10_000
     for step in (HALF, STEPS):
-        folder = trained_run / "ckpt" / f"step_{step:04d}"
-        assert {p.name for p in folder.iterdir()} == {"rank_0.pt", "rank_1.pt", "complete.json"}
+        manifest = read_manifest(trained_run / "ckpt" / f"step_{step:04d}")
+        assert manifest["step"] == step and manifest["layout"] == dict(world_size=2, ep_size=2, dp_size=1)
+        assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 
-@pytest.mark.timeout(150)
-def test_resume_matches_uninterrupted_run(trained_run, tmp_path):
-    resumed = tmp_path / "resumed"
-    torchrun([*RUN_FLAGS, "--out", str(resumed), "--resume", str(trained_run / "ckpt" / f"step_{HALF:04d}")])
-    for rank in (0, 1):
-        a = torch.load(trained_run / "ckpt" / f"step_{STEPS:04d}" / f"rank_{rank}.pt", weights_only=True)
-        b = torch.load(resumed / "ckpt" / f"step_{STEPS:04d}" / f"rank_{rank}.pt", weights_only=True)
-        assert a["model"].keys() == b["model"].keys()
-        for name in a["model"]:
-            assert torch.equal(a["model"][name], b["model"][name]), name
-        for pid, state in a["optimizer"]["state"].items():
-            for key, value in state.items():
-                assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
-        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    uninterrupted = {r["step"]: r for r in records(trained_run)}
-    for rec in records(resumed):
-        assert rec["step"] >= HALF
-        for key in ("loss", "val_loss"):
-            if key in rec:
-                assert rec[key] == uninterrupted[rec["step"]][key], (rec["step"], key)
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    folder = out / "ckpt" / f"step_{STEPS:04d}"
+    model = MoETransformerLM(ModelConfig.from_dict(read_manifest(folder)["model_config"]), seed=123)
+    load_weights(folder, model, model.parallel)
+    return model.state_dict()
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_restarts_and_resumes_by_itself(trained_run, tmp_path):
+    """torchrun --max-restarts 1; SIGKILL rank 1 once the step-30 checkpoint is complete; the job resumes itself."""
+    out = tmp_path / "crash"
+    log = tmp_path / "crash.log"
+    proc = start_torchrun([*RUN_FLAGS, "--out", str(out)], log, restarts=1)
+    first = out / "ckpt" / f"step_{HALF:04d}" / "manifest.json"
+    deadline = time.monotonic() + 150
+    try:
+        while not first.exists():
+            assert proc.poll() is None, f"torchrun exited before its first checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 150 s"
+            time.sleep(0.05)
+        victim = worker_pids(proc.pid)[1]
+        os.kill(victim, signal.SIGKILL)
+    except BaseException:
+        kill(proc)
+        raise
+    output = finish(proc, log, timeout=150)
+    assert "SIGKILL" in output or "Signals.SIGKILL" in output or "exitcode: -9" in output, output[-3000:]
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["resumed_from"] == str(out / "ckpt" / f"step_{HALF:04d}"), "the restarted job did not resume"
+    expected, got = final_weights(trained_run), final_weights(out)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), (name, (got[name] - tensor).abs().max())
 
 
 def _gradient_worker(rank: int, world: int, ep_size: int) -> dict:

@@ -1,17 +1,14 @@
 """Reading teachers and writing students in moe_ep's checkpoint format: the one place that knows it.
 
-The format is ``moe_ep.training.checkpoint``'s (``OUT/ckpt/step_XXXX/rank_R.pt``
-plus ``complete.json``, one file per rank of the layout that saved it). A
-teacher saved at any expert-parallel size is read at this process's layout:
-the full model is assembled from the files of the first expert-parallel
-group (ranks ``0 .. ep-1``: their expert shards in order, every other tensor
-from rank 0), then each rank keeps its own slice of every expert stack.
-A student is saved with ``save_checkpoint``, so ``launch/train.py --resume``
-can continue it and ``load_lm_checkpoint`` reads it back.
+The format is ``moe_ep.checkpoint``'s (``OUT/ckpt/step_XXXX``: sharded
+``torch.distributed.checkpoint`` files and ``manifest.json``). A teacher saved
+at any layout is read at this process's layout with ``load_weights`` (each
+rank reads its own expert rows). A student is saved with
+``save_checkpoint``, so ``launch/train.py --resume`` can continue it and
+``load_lm_checkpoint`` reads it back.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,18 +19,19 @@ from torch import nn
 from ..data import BatchSampler
 from ..models import ModelConfig, MoETransformerLM
 from ..parallel.state import ParallelState
-from ..training.checkpoint import _COMPLETE, latest_checkpoint, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_weights, read_manifest, save_checkpoint
+from ..checkpoint.manifest import MANIFEST
 from ..training.config import TrainConfig
 
 
 def checkpoint_folder(path: Path) -> Path:
     """``path`` itself when it is a complete checkpoint, else the latest complete one under ``path/ckpt``."""
-    if (path / _COMPLETE).is_file():
+    if (path / MANIFEST).is_file():
         return path
     found = latest_checkpoint(path)
     if found is None:
         raise ValueError(f"distill: {path} is neither a transformers model folder (config.json), a complete "
-                         f"checkpoint (complete.json) nor a run folder with one under ckpt/")
+                         f"checkpoint ({MANIFEST}) nor a run folder with one under ckpt/")
     return found
 
 
@@ -44,19 +42,11 @@ def load_lm_checkpoint(path: Path, parallel: ParallelState, no_eval_dropping: bo
     (a teacher in eval mode then drops no token).
     """
     folder = checkpoint_folder(path)
-    ep_size = json.loads((folder / _COMPLETE).read_text())["ep_size"]
-    payloads = [torch.load(folder / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
-                for rank in range(ep_size)]
-    states = [payload["model"] for payload in payloads]
-    config = ModelConfig.from_dict(payloads[0]["model_config"])
+    config = ModelConfig.from_dict(read_manifest(folder)["model_config"])
     if no_eval_dropping:
         config = config.replace(moe=config.moe.replace(eval_capacity_factor=None))
     model = MoETransformerLM(config, parallel)
-    first, last = parallel.expert_range(config.moe.n_routed_experts)
-    full = {name: torch.cat([s[name] for s in states]) if ".experts." in name else tensor
-            for name, tensor in states[0].items()}
-    model.load_state_dict({name: tensor[first:last] if ".experts." in name else tensor
-                           for name, tensor in full.items()})
+    load_weights(folder, model, parallel)  # collective; any saved layout
     return model
 
 

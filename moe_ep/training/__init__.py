@@ -1,5 +1,8 @@
-"""Training loop, metrics, plots and checkpoints shared by the launchers (launch/train.py)."""
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+"""Training loop, metrics and plots shared by the launchers (launch/train.py).
+
+Checkpoints live in ``moe_ep.checkpoint``; their training-state functions are re-exported here.
+"""
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loop import RunResult, evaluate, train
 from .plots import plot_run

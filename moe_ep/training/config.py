@@ -5,10 +5,6 @@ import ast
 import dataclasses
 from dataclasses import dataclass
 
-# Fields that change the parameters a run produces; a resumed run must use the checkpoint's values.
-TRAJECTORY_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-                     "batch_size", "seq_len", "seed")
-
 
 @dataclass
 class TrainConfig:
@@ -27,6 +23,10 @@ class TrainConfig:
     val_batches: validation batches per rank.
     seed: model initialisation and data order.
     out_dir: metrics.jsonl, plots and ckpt/ go here.
+
+    Resuming from a checkpoint requires the checkpoint's values of the fields
+    in ``moe_ep.checkpoint.save_load.TRAJECTORY_FIELDS`` and its global batch
+    size (``batch_size * world_size``); ``steps`` and the logging fields may change.
     """
 
     steps: int = 300

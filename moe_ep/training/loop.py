@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import BatchSampler
 from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
 from ..parallel.grads import clip_gradients, sync_gradients
 from ..parallel.state import ParallelState
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import IntervalMeter, MetricsLog, ProgressBar
 from .optim import build_optimizer, lr_at, set_lr
@@ -99,8 +99,8 @@ def train(model: nn.Module, sampler: BatchSampler, parallel: ParallelState, cfg:
           resume_from: Optional[Path] = None) -> RunResult:
     """Train ``model`` to ``cfg.steps`` updates on every rank; see the module docstring.
 
-    ``resume_from``: a complete checkpoint folder of the same layout; the run
-    continues from its step. The model must already be on its device.
+    ``resume_from``: a complete checkpoint folder, written at any layout
+    (``moe_ep.checkpoint``); the run continues from its step. The model must already be on its device.
     """
     out_dir = Path(cfg.out_dir)
     is_rank0 = not parallel.distributed or dist.get_rank() == 0

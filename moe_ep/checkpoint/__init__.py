@@ -1,0 +1,16 @@
+"""Checkpoints that reshard: written by ``torch.distributed.checkpoint`` at one (dp, ep) layout, read at any.
+
+Modules: ``manifest.py`` (the JSON manifest, checksums, completeness,
+``latest_checkpoint``), ``storage.py`` (DCP reads and writes that never
+unpickle arbitrary objects), ``tensors.py`` (the flat, layout-free keys of
+model, optimizer and RNG state), ``save_load.py`` (training state and
+weights), ``convert.py`` (DeepSpeed and transformers layouts; also
+``python -m moe_ep.checkpoint convert``). docs/reliability.md describes the
+format and its guarantees.
+"""
+from .manifest import CheckpointError, latest_checkpoint, read_manifest, step_dir
+from .save_load import (RestoredState, load_checkpoint, load_weights, restore_training_state, save_checkpoint,
+                        write_checkpoint)
+
+__all__ = ["CheckpointError", "RestoredState", "latest_checkpoint", "load_checkpoint", "load_weights", "read_manifest",
+           "restore_training_state", "save_checkpoint", "step_dir", "write_checkpoint"]

@@ -1,0 +1,134 @@
+"""Rank functions and helpers of tests/test_checkpoint.py (run in-process or by ``run_on_ranks``).
+
+The model is the ``tiny`` preset shrunk to width 32 (1 dense + 2 MoE blocks,
+8 experts, V3 bias on so the bias buffer is covered); the global batch is 8
+sequences of 16 bytes at every layout. Results are plain Python values or
+files: tensors do not outlive a worker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+GLOBAL_BATCH, SEQ, STEPS, RESUME_AT = 8, 16, 6, 3
+
+
+def model_config():
+    from moe_ep.models import ModelConfig
+
+    base = ModelConfig.preset("tiny")
+    moe = base.moe.replace(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, aux_free_bias=True,
+                           bias_update_rate=1e-2)
+    return base.replace(hidden_size=32, n_layers=3, n_heads=2, dense_intermediate_size=64, max_seq_len=SEQ, moe=moe)
+
+
+def train_config(world: int, out_dir, steps: int = STEPS):
+    from moe_ep.training import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=GLOBAL_BATCH // world, seq_len=SEQ, lr=1e-2, warmup_steps=2,
+                       log_every=1, val_every=100, val_batches=1, ckpt_every=RESUME_AT, out_dir=str(out_dir))
+
+
+def parallel_for(world: int, ep_size: int):
+    import moe_ep
+
+    return moe_ep.init_expert_parallel(ep_size=ep_size) if world > 1 else moe_ep.ParallelState()
+
+
+def setup(world: int, ep_size: int, out_dir, steps: int = STEPS):
+    import torch.distributed as dist
+
+    from moe_ep.data import BatchSampler, load_corpus
+    from moe_ep.models import MoETransformerLM
+
+    parallel = parallel_for(world, ep_size)
+    cfg = train_config(world, out_dir, steps)
+    rank = dist.get_rank() if parallel.distributed else 0
+    sampler = BatchSampler(load_corpus(max_bytes=1 << 18), cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    return parallel, cfg, sampler, MoETransformerLM(model_config(), parallel, seed=cfg.seed)
+
+
+def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
+    """Unsharded copies of every model tensor and optimizer state tensor (experts gathered over EP)."""
+    from moe_ep.parallel.grads import partition_parameters
+
+    experts = {id(p) for p in partition_parameters(model)[1]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    expert_names = {names[i] for i in experts}
+    out = {}
+    for name, t in model.state_dict().items():
+        out["model." + name] = (parallel.all_gather_ep(t) if name in expert_names else t).detach().clone()
+    for p, state in optimizer.state.items():
+        for field, value in state.items():
+            full = parallel.all_gather_ep(value) if id(p) in experts and value.dim() else value
+            out[f"optim.{names[id(p)]}.{field}"] = full.detach().clone()
+    return out
+
+
+def manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
+    from moe_ep.parallel.grads import clip_gradients, sync_gradients
+    from moe_ep.training.loop import cross_entropy
+
+    for step in range(steps):
+        batch = sampler.batch(step)
+        loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:]) + model.aux_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_gradients(model, parallel)
+        clip_gradients(model, parallel, cfg.grad_clip)
+        optimizer.step()
+        model.update_moe_bias()
+
+
+def write_reference(rank: int, world: int, ep_size: int, root: str) -> None:
+    """Save a checkpoint after 2 steps at (world, ep_size) and, on rank 0, the unsharded state it must hold."""
+    from moe_ep.checkpoint import save_checkpoint
+    from moe_ep.training.optim import build_optimizer
+
+    parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact")
+    optimizer = build_optimizer(model, cfg)
+    manual_steps(model, optimizer, sampler, parallel, cfg, 2)
+    save_checkpoint(Path(root) / "exact", 2, model, optimizer, sampler, parallel, cfg)
+    reference = full_state(model, optimizer, parallel)
+    if rank == 0:
+        torch.save(reference, Path(root) / "exact_reference.pt")
+
+
+def load_and_compare(world: int, ep_size: int, root: str) -> dict:
+    """Load the exact checkpoint at (world, ep_size); which tensors differ bitwise from the reference."""
+    from moe_ep.checkpoint import load_checkpoint
+    from moe_ep.training.optim import build_optimizer
+
+    parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact-load")
+    before = full_state(model, build_optimizer(model, cfg), parallel)
+    optimizer = build_optimizer(model, cfg)
+    step = load_checkpoint(Path(root) / "exact" / "ckpt" / "step_0002", model, optimizer, sampler, parallel, cfg)
+    loaded = full_state(model, optimizer, parallel)
+    reference = torch.load(Path(root) / "exact_reference.pt", weights_only=True)
+    return dict(step=step, keys_equal=sorted(loaded) == sorted(reference),
+                differ=sorted(k for k in reference if k in loaded and not torch.equal(loaded[k], reference[k])),
+                unchanged_by_load=sorted(k for k in before if torch.equal(before[k], loaded[k])))
+
+
+def train_run(world: int, ep_size: int, out_dir: str, resume_from: str | None) -> None:
+    """``moe_ep.training.train`` at (world, ep_size), from scratch or resumed; metrics go to ``out_dir``."""
+    from moe_ep.training import train
+
+    parallel, cfg, sampler, model = setup(world, ep_size, out_dir)
+    train(model, sampler, parallel, cfg, resume_from=Path(resume_from) if resume_from else None)
+
+
+def source_then_resume(rank: int, world: int, root: str) -> dict:
+    """At (4, ep 4): the exact checkpoint with its reference, and the uninterrupted run; then resume at (4, dp 2 x ep 2)."""
+    write_reference(rank, world, world, root)
+    train_run(world, world, str(Path(root) / "uninterrupted"), None)
+    return resume_layout(rank, world, 2, root)
+
+
+def resume_layout(rank: int, world: int, ep_size: int, root: str) -> dict:
+    """At (world, ep_size): load the exact checkpoint and compare, then resume training from step RESUME_AT."""
+    result = load_and_compare(world, ep_size, root)
+    train_run(world, ep_size, str(Path(root) / f"resumed_w{world}_ep{ep_size}"),
+              str(Path(root) / "uninterrupted" / "ckpt" / f"step_{RESUME_AT:04d}"))
+    return result
