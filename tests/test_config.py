@@ -226,3 +226,13 @@ def test_from_hf_config_rejects_unsupported():
         MoEConfig.from_hf_config(DeepseekV2Config(**HF_TINY, hidden_act="gelu"))
     with pytest.raises(ValueError, match="topk_method"):
         MoEConfig.from_hf_config(DeepseekV2Config(**HF_TINY, topk_method="sinkhorn"))
+
+
+def test_nodes_per_ep_group_refuses_groups_straddling_nodes():
+    from moe_ep.parallel.state import nodes_per_ep_group
+
+    assert nodes_per_ep_group(16, 8) == 2 and nodes_per_ep_group(8, 8) == 1 and nodes_per_ep_group(4, 8) == 1
+    with pytest.raises(ValueError, match="does not fill whole nodes"):
+        nodes_per_ep_group(12, 8)
+    with pytest.raises(ValueError, match="straddle nodes"):
+        nodes_per_ep_group(3, 8)

@@ -54,7 +54,7 @@ from ..dispatch import make_dispatcher
 from ..layer import MoELayer
 from ..parallel.consistency import check_same_on_ranks
 from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
-from ..parallel.state import ParallelState
+from ..parallel.state import ParallelState, nodes_per_ep_group
 from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -108,7 +108,7 @@ def parallel_state_from_groups(ep_size: int, nodes: Optional[int] = None) -> Par
                            f"expected {ep_size}")
     if nodes is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        nodes = max(1, ep_size // local) if ep_size > local else 1
+        nodes = nodes_per_ep_group(ep_size, local)
     return ParallelState(ep_size=ep_size, ep_rank=dist.get_rank(group=ep_group), dp_size=world // ep_size,
                          dp_rank=dist.get_rank(group=edp_group), nodes=nodes, ep_group=ep_group,
                          edp_group=edp_group, world_group=dist.group.WORLD)

@@ -96,6 +96,27 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def nodes_per_ep_group(ep_size: int, ranks_per_node: int) -> int:
+    """Nodes one EP group of consecutive ranks spans, for nodes of ``ranks_per_node`` ranks.
+
+    An EP group must fill whole nodes (``ep_size`` a multiple of the node size)
+    or fit inside one (the node size a multiple of ``ep_size``); otherwise a
+    group straddles a node boundary and "at most M nodes" would not bound the
+    inter-node traffic, so this raises ``ValueError`` (pass ``nodes`` explicitly
+    to override).
+    """
+    if ep_size >= ranks_per_node:
+        if ep_size % ranks_per_node:
+            raise ValueError(f"an expert-parallel group of {ep_size} ranks does not fill whole nodes of "
+                             f"{ranks_per_node} ranks (LOCAL_WORLD_SIZE); choose ep_size as a multiple of it, "
+                             f"or pass nodes= explicitly")
+        return ep_size // ranks_per_node
+    if ranks_per_node % ep_size:
+        raise ValueError(f"expert-parallel groups of {ep_size} ranks straddle nodes of {ranks_per_node} ranks "
+                         f"(LOCAL_WORLD_SIZE); choose ep_size dividing it, or pass nodes= explicitly")
+    return 1
+
+
 def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None,
                          timeout: Timeout = DEFAULT_TIMEOUT) -> ParallelState:
     """Build the (dp, node, local) mesh (``ep`` = node x local) on the default process group.
@@ -117,8 +138,7 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
     world = dist.get_world_size()
     ep_size = world if ep_size is None else ep_size
     if nodes is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        nodes = max(1, ep_size // local) if ep_size > local else 1
+        nodes = nodes_per_ep_group(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     check_same_on_ranks("init_expert_parallel", dict(world_size=world, ep_size=ep_size, nodes=nodes))
     if ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
