@@ -10,7 +10,8 @@
 * The wrapper: isinstance of DeepSpeed's MoE, expert marks, deepcopy keeps
   them, state dict layout and round trips, optimizer groups, unwrap.
 * launch/ds_train.py under the deepspeed launcher writes the same
-  metrics.jsonl as launch/train.py under torchrun.
+  metrics.jsonl as launch/train.py under torchrun (both with gradient
+  accumulation and activation checkpointing).
 
 Every distributed run has a hard timeout (``run_on_ranks`` / subprocess
 timeouts) so a hang fails fast. The first DeepSpeed start on a machine
@@ -119,17 +120,21 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 
 def test_ds_train_writes_the_plain_runs_metrics(tmp_path):
-    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``."""
+    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``.
+
+    Both accumulate 2 micro-batches of 1 sequence per step and checkpoint their blocks.
+    """
     config = json.loads((ROOT / "launch" / "ds_config.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = 2
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)
     (tmp_path / "ds_config.json").write_text(json.dumps(config))
     common = ["--steps", "4", "--seq-len", "32", "--warmup", "2", "--ep-size", "2", "--log-every", "2",
-              "--val-every", "2", "--val-batches", "1", "--max-data-bytes", str(1 << 18)]
+              "--val-every", "2", "--val-batches", "1", "--max-data-bytes", str(1 << 18), "--activation-checkpointing"]
     _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
           "launch/ds_train.py", "--deepspeed_config", str(tmp_path / "ds_config.json"), "--out",
           str(tmp_path / "ds"), *common], timeout=200)
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          "launch/train.py", "--batch-size", "2", "--out", str(tmp_path / "plain"), *common], timeout=120)
+          "launch/train.py", "--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "plain"), *common],
+         timeout=120)
     ds = [json.loads(line) for line in (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()]
     plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ds] == [r["step"] for r in plain] == [0, 2, 4]
