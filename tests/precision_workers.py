@@ -157,7 +157,12 @@ def bf16_tracks_fp32(parallel, rank: int = 0, world: int = 1, steps: int = 8) ->
     model_cfg = model_config()
     fp32 = run_steps(parallel, train_config(), model_cfg, steps, rank, world)
     bf16 = run_steps(parallel, train_config(precision="bf16"), model_cfg, steps, rank, world)
+    def row_bytes(run: dict) -> list:
+        """Bytes per dispatched row, per MoE layer, of the last step (expert parallelism only)."""
+        return [s["bytes_sent"] / max(s["rows_sent"], 1) for s in run["stats"][-1][0] if "bytes_sent" in s]
+
     return dict(fp32_ce=fp32["ce"], bf16_ce=bf16["ce"], bias_bytes=bf16["bias"].numpy().tobytes().hex(),
+                row_bytes=(row_bytes(fp32), row_bytes(bf16)),
                 bias_dtype=str(bf16["bias"].dtype), bias_moved=float(bf16["bias"].abs().max()),
                 param_dtypes=sorted({str(p.dtype) for p in bf16["params"].values()}))
 

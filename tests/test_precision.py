@@ -156,6 +156,8 @@ def test_two_ranks():
             _check_accumulation(accum, f"rank {rank}, ep {ep}")
         _check_checkpointing(r["checkpointing"], f"rank {rank}, ep 2")
         _check_bf16(r["bf16"], f"rank {rank}, ep 2")
+        hidden = workers.model_config().hidden_size  # rows cross the all-to-all in bf16, half the fp32 bytes
+        assert r["bf16"]["row_bytes"] == ([4 * hidden] * 3, [2 * hidden] * 3), r["bf16"]["row_bytes"]
     assert results[0]["bf16"]["bias_bytes"] == results[1]["bf16"]["bias_bytes"], "the bias differs between ranks"
 
 
