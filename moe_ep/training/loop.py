@@ -43,7 +43,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import IntervalMeter, MetricsLog, ProgressBar
 from .optim import build_optimizer, lr_at
-from .step import next_token_loss, precision_autocast, train_step
+# cross_entropy now lives in step.py; it stays importable from here, as before
+from .step import cross_entropy, next_token_loss, precision_autocast, train_step  # noqa: F401
 
 
 @dataclass
