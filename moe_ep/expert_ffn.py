@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from .activations import ACTIVATIONS, activate, activation_grad
 from .expert_backend import grouped_ops
+from .precision import autocast_off
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -62,7 +63,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_SH):
-        with torch.autocast(dy_SH.device.type, enabled=False):
+        with autocast_off(dy_SH.device.type):
             return _ExpertFFN._backward(ctx, dy_SH)
 
     @staticmethod
@@ -121,7 +122,7 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         raise ValueError(f"expert_ffn: x is {x_SH.dtype} but w_in is {w_in.dtype} and w_out {w_out.dtype}; "
                          f"cast the weights to x's dtype (the compute dtype)")
     ops = grouped_ops(backend, x_SH, row_R.numel(), w_in, w_out)
-    with torch.autocast(x_SH.device.type, enabled=False):
+    with autocast_off(x_SH.device.type):
         return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
 
 

@@ -41,6 +41,7 @@ from .experts import RoutedExperts, SharedExperts
 from .finite import count_nonfinite, raise_if_nonfinite
 from .parallel.consistency import check_same_on_ranks
 from .parallel.state import ParallelState
+from .precision import autocast_off, compute_dtype
 from .router import Router
 
 
@@ -72,13 +73,6 @@ class ReplayLog:
 
     drop_steps: list[int] = field(default_factory=list)
     cursor: int = 0
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The experts' dtype for input ``x``: the autocast dtype of x's device when autocast is on there, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class MoELayer(nn.Module):
@@ -166,11 +160,11 @@ class MoELayer(nn.Module):
         cfg = self.config
         if x.dim() == 0 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"MoELayer {self.name!r}: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
-        compute_dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x.reshape(-1, cfg.hidden_size), x.shape, compute_dtype)
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):
+            return self._forward(x.reshape(-1, cfg.hidden_size), x.shape, dtype)
 
-    def _forward(self, x_TH: torch.Tensor, shape: torch.Size, compute_dtype: torch.dtype) -> torch.Tensor:
+    def _forward(self, x_TH: torch.Tensor, shape: torch.Size, expert_dtype: torch.dtype) -> torch.Tensor:
         cfg = self.config
         replay = self._replaying
         if not replay:
@@ -182,7 +176,7 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TH)
         rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
-        x_TH = x_TH.to(compute_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
+        x_TH = x_TH.to(expert_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
         overlap = None
         if self.shared_experts is not None:  # on a GPU: a side stream, joined before the sum
             overlap = lambda: self.side_stream.launch(self.shared_experts, x_TH)  # noqa: E731
