@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -32,7 +33,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from bench_measure import forward_backward, forward_only, interleaved_samples, machine_description, peak_memory_mb
+from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, peak_memory_mb,
+                           pin_mmap_threshold)
 from layer_impls import (CAPACITY, CONFIGS, IMPLS, ReferenceWeights, build_moe_ep, join_device, rank_context,
                          rank_input)
 from moe_ep.parallel.spawn import _free_port, run_on_ranks
@@ -47,20 +49,13 @@ def _specs(opts: dict) -> list[tuple[str, object]]:
     return [(name, CONFIGS[name].replace(**overrides)) for name in opts["configs"]]
 
 
-def _mean_over_ranks(value: float) -> float:
+def _over_ranks(values: list[float], op: str) -> list[float]:
+    """Element-wise ``max`` or ``mean`` of ``values`` over the ranks (collective)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def _max_over_ranks(value: float) -> float:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (t if op == "max" else t / dist.get_world_size()).tolist()
 
 
 def _cases(rank: int, world: int, opts: dict, eps: list[int]):
@@ -76,35 +71,44 @@ def _cases(rank: int, world: int, opts: dict, eps: list[int]):
 
 # ------------------------------------------------------------ rank workers
 def _timing_rank(rank: int, world: int, opts: dict) -> dict:
-    """Interleaved medians of every implementation, every case; plain values."""
-    records, device = [], None
+    """Interleaved samples of every implementation, every case; plain values.
+
+    Wall samples are the same on every rank (barriers); CPU samples are the
+    maximum over ranks of each iteration.
+    """
+    records, machine = [], None
     for name, spec, weights, x_TH, dtype_name, ctx in _cases(rank, world, opts, [world]):
-        device = ctx.device
+        machine = machine or machine_description(ctx.device)
+        load = os.getloadavg()[0]
         impls = {impl: IMPLS[impl](spec, weights, ctx, x_TH) for impl in opts["impls"]}
         steps = {(impl, "fwd"): partial(forward_only, built) for impl, built in impls.items()}
         steps.update({(impl, "step"): partial(forward_backward, built) for impl, built in impls.items()})
-        samples = interleaved_samples(steps, opts["iters"], opts["warmup"], device)
+        samples = interleaved_samples(steps, opts["iters"], opts["warmup"], ctx.device)
         for impl, built in impls.items():
             dropped = built.dropped_fraction()
-            records.append(dict(impl=impl, config=name, label=spec.label, ep=world, dtype=dtype_name,
-                                **dataclasses.asdict(spec), fwd_samples_ms=[s * 1e3 for s in samples[impl, "fwd"]],
-                                step_samples_ms=[s * 1e3 for s in samples[impl, "step"]],
-                                dropped_frac=None if dropped is None else _mean_over_ranks(dropped),
-                                capacity=CAPACITY[impl]))
+            record = dict(impl=impl, config=name, label=spec.label, ep=world, dtype=dtype_name,
+                          **dataclasses.asdict(spec), load_avg_1m=load, capacity=CAPACITY[impl],
+                          dropped_frac=None if dropped is None else _over_ranks([dropped], "mean")[0])
+            for step in ("fwd", "step"):
+                wall_s, cpu_s = zip(*samples[impl, step])
+                record[f"{step}_samples_ms"] = [s * 1e3 for s in wall_s]
+                record[f"{step}_cpu_samples_ms"] = _over_ranks([s * 1e3 for s in cpu_s], "max")
+            records.append(record)
         del impls, steps
         gc.collect()
-    return {"records": records, "machine": machine_description(device)}
+    return {"records": records, "machine": machine}
 
 
 def _memory_rank(rank: int, world: int, opts: dict, impl: str) -> list[dict]:
     """Peak memory of one forward+backward of ``impl`` above the level before it, max over ranks,
     at every EP size (``world`` is the largest; at ep 1 each rank runs a layer of its own)."""
     out = []
+    pin_mmap_threshold()
     for name, spec, weights, x_TH, dtype_name, ctx in _cases(rank, world, opts, opts["ep"]):
         built = IMPLS[impl](spec, weights, ctx, x_TH)
         forward_backward(built)  # warm-up: one-time allocations stay out of the measured step
         peak = peak_memory_mb(partial(forward_backward, built), ctx.device)
-        out.append(dict(impl=impl, config=name, ep=ctx.ep, dtype=dtype_name, peak_mem_mb=_max_over_ranks(peak)))
+        out.append(dict(impl=impl, config=name, ep=ctx.ep, dtype=dtype_name, peak_mem_mb=_over_ranks([peak], "max")[0]))
         del built
         gc.collect()
     return out
@@ -140,8 +144,8 @@ def _finish_records(records: list[dict], peaks: dict) -> list[dict]:
     """Medians, tokens/s, peak memory and the ratios to the dense bound of the same case."""
     by_case = {}
     for r in records:
-        r["fwd_ms"] = statistics.median(r["fwd_samples_ms"])
-        r["step_ms"] = statistics.median(r["step_samples_ms"])
+        for key in ("fwd", "step", "fwd_cpu", "step_cpu"):
+            r[f"{key}_ms"] = statistics.median(r[f"{key}_samples_ms"])
         tokens = r["tokens"] * r["ep"]  # every rank's tokens
         r["fwd_tokens_per_s"], r["tokens_per_s"] = tokens / r["fwd_ms"] * 1e3, tokens / r["step_ms"] * 1e3
         r["peak_mem_mb"] = peaks[r["impl"], r["config"], r["ep"], r["dtype"]]
@@ -149,8 +153,9 @@ def _finish_records(records: list[dict], peaks: dict) -> list[dict]:
     for case in by_case.values():
         bound = case.get(BOUND)
         for r in case.values():
-            r["fwd_bound_ratio"] = r["fwd_ms"] / bound["fwd_ms"] if bound else None
-            r["bound_ratio"] = r["step_ms"] / bound["step_ms"] if bound else None
+            for ratio, key in (("fwd_bound_ratio", "fwd_ms"), ("bound_ratio", "step_ms"),
+                               ("fwd_cpu_bound_ratio", "fwd_cpu_ms"), ("cpu_bound_ratio", "step_cpu_ms")):
+                r[ratio] = r[key] / bound[key] if bound else None
     return records
 
 
@@ -174,38 +179,41 @@ def _fmt(value, spec: str) -> str:
 def print_tables(records: list[dict], machine: dict) -> None:
     print(f"machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['cpu_capability']}), "
           f"{machine.get('gpu', 'no GPU')}; torch {machine['torch']}, deepspeed {machine['deepspeed']}; "
-          f"{machine['threads_per_rank']} thread(s) per rank; load average at start {machine['load_avg_1m']:.2f}")
+          f"{machine['threads_per_rank']} thread(s) per rank")
     print(f"bf16: {machine['bf16_note']}")
     groups = {}
     for r in records:
         groups.setdefault((r["ep"], r["dtype"]), []).append(r)
-    header = (f"{'config':<34}{'impl':<13}{'fwd ms':>9}{'fwd+bwd ms':>12}{'tokens/s':>10}{'fwd/bound':>10}"
-              f"{'step/bound':>11}{'peak MiB':>10}{'dropped':>9}")
+    header = (f"{'config':<36}{'impl':<13}{'fwd ms':>8}{'fwd+bwd ms':>11}{'tokens/s':>9}{'fwd/bound':>10}"
+              f"{'step/bound':>11}{'cpu fwd/b':>10}{'cpu step/b':>11}{'peak MiB':>9}{'dropped':>8}")
     for (ep, dtype), rows in groups.items():
-        r0 = rows[0]
+        r0, loads = rows[0], [r["load_avg_1m"] for r in rows]
         print(f"\nep {ep}, {dtype}, {r0['tokens']} tokens/rank, hidden {r0['hidden']}, capacity factor "
-              f"{r0['capacity_factor']}, medians of {len(r0['step_samples_ms'])} interleaved iterations")
+              f"{r0['capacity_factor']}, medians of {len(r0['step_samples_ms'])} interleaved iterations, "
+              f"load average {min(loads):.1f}-{max(loads):.1f} on {machine['cpu_cores']} cores")
         print(header)
         for r in rows:
             dropped = None if r["dropped_frac"] is None else 100 * r["dropped_frac"]
-            print(f"{r['label']:<34}{r['impl']:<13}{r['fwd_ms']:>9.1f}{r['step_ms']:>12.1f}{r['tokens_per_s']:>10.0f}"
+            print(f"{r['label']:<36}{r['impl']:<13}{r['fwd_ms']:>8.1f}{r['step_ms']:>11.1f}{r['tokens_per_s']:>9.0f}"
                   f"{_fmt(r['fwd_bound_ratio'], '.2f'):>10}{_fmt(r['bound_ratio'], '.2f'):>11}"
-                  f"{r['peak_mem_mb']:>10.0f}{_fmt(dropped, '.1f'):>8}%")
-    print("\ncapacity and dropping:")
+                  f"{_fmt(r['fwd_cpu_bound_ratio'], '.2f'):>10}{_fmt(r['cpu_bound_ratio'], '.2f'):>11}"
+                  f"{r['peak_mem_mb']:>9.0f}{_fmt(dropped, '.1f'):>7}%")
+    print("\nx/bound: wall-time ratio to the dense bound of the same case; cpu x/bound: the same with each rank's "
+          "CPU time (max over ranks), steadier when other jobs load the machine")
+    print("capacity and dropping:")
     for impl in dict.fromkeys(r["impl"] for r in records):
         print(f"  {impl}: {CAPACITY[impl]}")
 
 
 def parse_args(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                    help="configurations (default: all; --profile: e64k6)")
-    p.add_argument("--ep", nargs="+", type=int, default=[1, 2], help="expert-parallel sizes (one process each)")
+    p.add_argument("--ep", nargs="+", type=int, default=[1, 2], help="expert-parallel sizes, one process per rank (default 1 2)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                    help="default: fp32 bf16 (--quick, --profile: fp32)")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS), help="default: all")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per rank, NCCL")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 7; --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick 1)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 4096; --quick 1024)")
@@ -216,8 +224,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--plot", default=None, help="write the PNG plots into this folder (see plot_layer.py)")
     p.add_argument("--profile", action="store_true",
                    help="instead of the benchmark: torch.profiler over moe_ep's forward and forward+backward")
-    p.add_argument("--profile-rows", type=int, default=25, help="ops listed per --profile table")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a process group counts as hung")
+    p.add_argument("--profile-rows", type=int, default=25, help="ops listed per --profile table (default 25)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a process group counts as hung (default 3600)")
     opts = vars(p.parse_args(argv))
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False (no GPU visible, or a CPU-only torch build)")

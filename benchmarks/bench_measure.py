@@ -2,12 +2,16 @@
 
 * ``interleaved_samples``: every step timed once per round, rounds repeated
   (A, B, C, A, B, C, ...), so load changes on a shared machine hit every
-  implementation alike; each sample spans all ranks (barrier before and
-  after, ``torch.cuda.synchronize`` on CUDA).
+  implementation alike. A sample is the wall time of the step on every rank
+  (barrier before and after, ``torch.cuda.synchronize`` on CUDA) and the CPU
+  time this process spent in it (all its threads, user + system; on CUDA the
+  host's share only): on an oversubscribed CPU machine the wall time mostly
+  measures the other jobs, the CPU time much less so.
 * ``peak_memory_mb``: memory high-water mark of one call above the level
   before it: on CPU the process RSS (``VmHWM`` after resetting it through
   ``/proc/self/clear_refs``, freed heap returned to the OS first with
-  ``malloc_trim``), on CUDA ``torch.cuda.max_memory_allocated``.
+  ``malloc_trim``), on CUDA ``torch.cuda.max_memory_allocated``. Call
+  ``pin_mmap_threshold`` first in a process that measures CPU memory.
 """
 from __future__ import annotations
 
@@ -47,18 +51,24 @@ def _synchronize(device: torch.device) -> None:
         dist.barrier()
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds of one ``fn()`` on every rank (synchronised before and after)."""
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds of one ``fn()`` on every rank, CPU seconds this process spent in it).
+
+    The CPU time stops before the closing barrier: waiting for the other
+    ranks is not this rank's work.
+    """
     _synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    cpu = time.process_time() - cpu
     _synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, cpu
 
 
 def interleaved_samples(steps: dict[Hashable, Callable[[], None]], iters: int, warmup: int,
-                        device: torch.device) -> dict[Hashable, list[float]]:
-    """``warmup`` untimed rounds, then ``iters`` rounds timing every step once, in dict order."""
+                        device: torch.device) -> dict[Hashable, list[tuple[float, float]]]:
+    """``warmup`` untimed rounds, then ``iters`` rounds timing every step once, in dict order:
+    ``iters`` (wall, CPU) seconds per step."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -71,6 +81,21 @@ def interleaved_samples(steps: dict[Hashable, Callable[[], None]], iters: int, w
 
 # ------------------------------------------------------------------ memory
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """glibc: serve every block of ``nbytes`` or more by its own mmap, unmapped when freed.
+
+    By default glibc raises this threshold (up to 32 MiB) whenever such a
+    block is freed; freed blocks below it then stay resident in the heap and
+    the RSS peak of a step depends on what the process ran before (up to 18 %
+    apart between identical runs here). Pinned, the RSS follows the live
+    tensors. False where ``mallopt`` is unavailable (not glibc).
+    """
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
 def _proc_status_mb(field: str) -> float:

@@ -1,11 +1,13 @@
-"""Plots of ``bench_layer.py`` records: forward+backward time and peak memory per implementation.
+"""Plots and tables of ``bench_layer.py`` records: forward+backward time and peak memory per implementation.
 
     python benchmarks/plot_layer.py docs/data/bench_layer_cpu.json --out docs/img
+    python benchmarks/plot_layer.py docs/data/bench_layer_cpu.json --markdown
 
-writes ``bench_layer_<device>_time.png`` (bars per implementation and
-configuration, the dense bound as a black line across each group) and
-``bench_layer_<device>_memory.png`` (peak memory above the pre-forward
-level, the dense bound as a bar), one panel per (dtype, ep).
+writes ``bench_layer_<device>_time.png`` (wall-clock medians, bars per
+implementation and configuration, the dense bound as a black line across
+each group) and ``bench_layer_<device>_memory.png`` (peak memory above the
+pre-forward level, the dense bound as a bar), one panel per (dtype, ep);
+``--markdown`` prints the tables of docs/performance.md instead.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def plot_records(records: list[dict], out_dir) -> list[pathlib.Path]:
     device = records[0]["machine"]["device"]
     paths = []
     for name, metric, ylabel, line, title in (
-            ("time", "step_ms", "forward+backward ms (median)", True, "MoE layer forward+backward"),
+            ("time", "step_ms", "forward+backward ms (median)", True, "MoE layer forward+backward, wall clock"),
             ("memory", "peak_mem_mb", "peak MiB above pre-forward", False, "MoE layer forward+backward peak memory")):
         fig = _figure(records, metric, ylabel, line, title)
         path = out / f"bench_layer_{device}_{name}.png"
@@ -78,12 +80,40 @@ def plot_records(records: list[dict], out_dir) -> list[pathlib.Path]:
     return paths
 
 
+def markdown_tables(records: list[dict]) -> str:
+    """One markdown table per (ep, dtype): a row per configuration and implementation."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["ep"], r["dtype"]), []).append(r)
+    lines = []
+    for (ep, dtype), rows in groups.items():
+        loads = [r["load_avg_1m"] for r in rows]
+        lines += [f"**ep {ep}, {dtype}** ({rows[0]['tokens']} tokens/rank; load average "
+                  f"{min(loads):.1f}-{max(loads):.1f} when the cases started)", "",
+                  "| config | impl | fwd ms | fwd+bwd ms | tokens/s | fwd / bound | fwd+bwd / bound | "
+                  "CPU-time fwd / bound | CPU-time fwd+bwd / bound | peak MiB | dropped |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            dropped = "-" if r["dropped_frac"] is None else f"{100 * r['dropped_frac']:.1f}%"
+            ratios = " | ".join("-" if r[k] is None else f"{r[k]:.2f}" for k in
+                                ("fwd_bound_ratio", "bound_ratio", "fwd_cpu_bound_ratio", "cpu_bound_ratio"))
+            lines.append(f"| {r['label']} | {r['impl']} | {r['fwd_ms']:.0f} | {r['step_ms']:.0f} | "
+                         f"{r['tokens_per_s']:.0f} | {ratios} | {r['peak_mem_mb']:.0f} | {dropped} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("json", help="records written by bench_layer.py --json")
     p.add_argument("--out", default="docs/img", help="folder for the PNGs")
+    p.add_argument("--markdown", action="store_true", help="print the markdown tables instead of plotting")
     args = p.parse_args()
-    for path in plot_records(json.loads(pathlib.Path(args.json).read_text()), args.out):
+    records = json.loads(pathlib.Path(args.json).read_text())
+    if args.markdown:
+        print(markdown_tables(records))
+        return
+    for path in plot_records(records, args.out):
         print(f"wrote {path}")
 
 

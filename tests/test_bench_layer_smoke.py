@@ -1,6 +1,7 @@
 """benchmarks/bench_layer.py: the baselines compute what they claim, and a tiny run completes end to end."""
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +14,11 @@ pytest.importorskip("deepspeed", reason="the layer benchmark compares against De
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 IMPLS = ("moe_ep", "deepspeed", "textbook", "dense_bound")
+# DeepSpeed on CPU JIT-builds a shared-memory op into TORCH_EXTENSIONS_DIR when it initialises. The default,
+# ~/.cache/torch_extensions, is shared by every venv of the machine, and a venv at another path rebuilds it
+# (minutes under load); one folder per venv builds it once.
+DS_ENV = {"DS_ACCELERATOR": "cpu",
+          "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))}
 
 
 @pytest.fixture(autouse=True)
@@ -81,11 +87,11 @@ def _compare_with_deepspeed(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_moe_ep_computes_deepspeeds_function():
     from moe_ep.parallel.spawn import run_on_ranks
 
-    for rank_out in run_on_ranks(_compare_with_deepspeed, 2, timeout=110, env={"DS_ACCELERATOR": "cpu"}):
+    for rank_out in run_on_ranks(_compare_with_deepspeed, 2, timeout=280, env=DS_ENV):
         for key, value in rank_out.items():
             if " cf1 " in key:  # same capacity and ranking: the same number of pairs dropped
                 assert value[0] > 0 and value[0] == pytest.approx(value[1], rel=1e-6), (key, value)
@@ -95,13 +101,13 @@ def test_moe_ep_computes_deepspeeds_function():
                 assert value < 1e-6, (key, value)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_tiny_run_writes_complete_records(tmp_path):
     out = tmp_path / "layer.json"
     args = ["--configs", "e16k2", "e64k6s2", "--ep", "1", "2", "--tokens", "32", "--hidden", "16", "--ffn", "8",
-            "--dtypes", "fp32", "--iters", "2", "--warmup", "0", "--json", str(out), "--plot", str(tmp_path)]
+            "--dtypes", "fp32", "--iters", "2", "--warmup", "0", "--timeout", "280", "--json", str(out), "--plot", str(tmp_path)]
     result = subprocess.run([sys.executable, str(BENCH_DIR / "bench_layer.py"), *args], capture_output=True,
-                            text=True, timeout=170)
+                            text=True, timeout=290, env={**os.environ, **DS_ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())
     cases = {(r["impl"], r["config"], r["ep"], r["dtype"]) for r in records}
