@@ -35,15 +35,15 @@ import torch.distributed as dist
 
 from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, peak_memory_mb,
                            pin_mmap_threshold)
-from layer_impls import (CAPACITY, CONFIGS, IMPLS, ReferenceWeights, build_moe_ep, join_device, rank_context,
-                         rank_input)
+from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, build_moe_ep, join_device,
+                         rank_context, rank_input)
 from moe_ep.parallel.spawn import _free_port, run_on_ranks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BOUND = "dense_bound"
 
 
-def _specs(opts: dict) -> list[tuple[str, object]]:
+def _specs(opts: dict) -> list[tuple[str, LayerSpec]]:
     """(name, LayerSpec) of the selected configurations with the size overrides applied."""
     overrides = {k: opts[k] for k in ("tokens", "hidden", "ffn") if opts[k] is not None}
     return [(name, CONFIGS[name].replace(**overrides)) for name in opts["configs"]]
@@ -108,7 +108,8 @@ def _memory_rank(rank: int, world: int, opts: dict, impl: str) -> list[dict]:
         built = IMPLS[impl](spec, weights, ctx, x_TH)
         forward_backward(built)  # warm-up: one-time allocations stay out of the measured step
         peak = peak_memory_mb(partial(forward_backward, built), ctx.device)
-        out.append(dict(impl=impl, config=name, ep=ctx.ep, dtype=dtype_name, peak_mem_mb=_over_ranks([peak], "max")[0]))
+        out.append(dict(impl=impl, config=name, ep=ctx.ep, dtype=dtype_name,
+                        peak_mem_mb=_over_ranks([peak], "max")[0]))
         del built
         gc.collect()
     return out
@@ -209,7 +210,8 @@ def parse_args(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                    help="configurations (default: all; --profile: e64k6)")
-    p.add_argument("--ep", nargs="+", type=int, default=[1, 2], help="expert-parallel sizes, one process per rank (default 1 2)")
+    p.add_argument("--ep", nargs="+", type=int, default=[1, 2],
+                   help="expert-parallel sizes, one process per rank (default 1 2)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                    help="default: fp32 bf16 (--quick, --profile: fp32)")
     p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS), help="default: all")
@@ -225,7 +227,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="instead of the benchmark: torch.profiler over moe_ep's forward and forward+backward")
     p.add_argument("--profile-rows", type=int, default=25, help="ops listed per --profile table (default 25)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a process group counts as hung (default 3600)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds before a process group counts as hung (default 3600)")
     opts = vars(p.parse_args(argv))
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False (no GPU visible, or a CPU-only torch build)")

@@ -17,8 +17,8 @@ IMPLS = ("moe_ep", "deepspeed", "textbook", "dense_bound")
 # DeepSpeed on CPU JIT-builds a shared-memory op into TORCH_EXTENSIONS_DIR when it initialises. The default,
 # ~/.cache/torch_extensions, is shared by every venv of the machine, and a venv at another path rebuilds it
 # (minutes under load); one folder per venv builds it once.
-DS_ENV = {"DS_ACCELERATOR": "cpu",
-          "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))}
+DS_ENV = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
+    "TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))}
 
 
 @pytest.fixture(autouse=True)
@@ -104,20 +104,22 @@ def test_moe_ep_computes_deepspeeds_function():
 @pytest.mark.timeout(300)
 def test_tiny_run_writes_complete_records(tmp_path):
     out = tmp_path / "layer.json"
-    args = ["--configs", "e16k2", "e64k6s2", "--ep", "1", "2", "--tokens", "32", "--hidden", "16", "--ffn", "8",
-            "--dtypes", "fp32", "--iters", "2", "--warmup", "0", "--timeout", "280", "--json", str(out), "--plot", str(tmp_path)]
+    args = ["--configs", "e64k6s2", "--ep", "1", "2", "--tokens", "32", "--hidden", "16", "--ffn", "8",
+            "--dtypes", "fp32", "--iters", "2", "--warmup", "0", "--timeout", "280", "--json", str(out),
+            "--plot", str(tmp_path)]
     result = subprocess.run([sys.executable, str(BENCH_DIR / "bench_layer.py"), *args], capture_output=True,
                             text=True, timeout=290, env={**os.environ, **DS_ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())
     cases = {(r["impl"], r["config"], r["ep"], r["dtype"]) for r in records}
-    assert cases == {(i, c, ep, "fp32") for i in IMPLS for c in ("e16k2", "e64k6s2") for ep in (1, 2)}
+    assert cases == {(i, c, ep, "fp32") for i in IMPLS for c in ("e64k6s2",) for ep in (1, 2)}
     assert len(records) == len(cases)
     for r in records:
-        for key in ("fwd_ms", "step_ms", "tokens_per_s", "fwd_tokens_per_s", "bound_ratio", "fwd_bound_ratio"):
+        for key in ("fwd_ms", "step_ms", "fwd_cpu_ms", "step_cpu_ms", "tokens_per_s", "fwd_tokens_per_s",
+                    "bound_ratio", "fwd_bound_ratio", "cpu_bound_ratio", "fwd_cpu_bound_ratio"):
             assert r[key] > 0 and math.isfinite(r[key]), (key, r)
         assert r["peak_mem_mb"] >= 0 and len(r["step_samples_ms"]) == 2, r
-        assert r["step_ms"] == pytest.approx(sorted(r["step_samples_ms"])[0] / 2 + sorted(r["step_samples_ms"])[1] / 2)
+        assert r["step_ms"] == pytest.approx(sum(r["step_samples_ms"]) / 2)  # the median of two
         if r["impl"] == "dense_bound":
             assert r["bound_ratio"] == 1.0 and r["dropped_frac"] is None
         else:
