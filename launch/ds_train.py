@@ -6,13 +6,16 @@
 (``python -m torch.distributed.run --nproc_per_node 2 launch/ds_train.py ...`` works too.) The model is
 built on DeepSpeed's expert groups (``moe_ep.integrations.deepspeed``), its MoE layers are wrapped as
 ``deepspeed.moe.layer.MoE`` and every optimizer step is ``engine.backward`` / ``engine.step`` followed by
-the MoE bias update. From the DeepSpeed config come the micro batch per rank
-(``train_micro_batch_size_per_gpu``), the peak learning rate, betas, eps and weight decay (AdamW params),
-the gradient clipping and the ZeRO stage (0, 1 or 2); the warmup + cosine schedule of the plain loop is
-applied by this script each step. Outputs in ``--out``: ``run.json``, ``metrics.jsonl`` (the fields of
-``moe_ep/training/metrics.py``), ``loss.png``, ``expert_load.png`` and, with ``--ckpt-every``, DeepSpeed
-checkpoints under ``ds_ckpt/`` (``--resume`` continues from the latest). ``--init-from CKPT`` continues from a
-moe_ep checkpoint of launch/train.py written at any layout. docs/deepspeed.md has the details.
+the MoE bias update (or, for a step the fp16 loss scaler skipped, the MoE step discarded). From the
+DeepSpeed config come the micro batch per rank (``train_micro_batch_size_per_gpu``), the micro-batches per
+optimizer step (``gradient_accumulation_steps``), the precision (``bf16`` / ``fp16`` sections:
+launch/ds_config_bf16.json, launch/ds_config_fp16.json), the peak learning rate, betas, eps and weight decay
+(AdamW params), the gradient clipping and the ZeRO stage (0, 1 or 2); the warmup + cosine schedule of the
+plain loop is applied by this script each step. ``--activation-checkpointing`` checkpoints every transformer
+block. Outputs in ``--out``: ``run.json``, ``metrics.jsonl`` (the fields of ``moe_ep/training/metrics.py``),
+``loss.png``, ``expert_load.png`` and, with ``--ckpt-every``, DeepSpeed checkpoints under ``ds_ckpt/``
+(``--resume`` continues from the latest). ``--init-from CKPT`` continues from a moe_ep checkpoint of
+launch/train.py written at any layout. docs/deepspeed.md has the details.
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ import torch.distributed as dist  # noqa: E402
 
 from moe_ep.checkpoint import restore_training_state  # noqa: E402
 from moe_ep.data import BatchSampler  # noqa: E402
-from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, grad_clip_plan, moe_layers,  # noqa: E402
-                                           optimizer_param_groups, train_step, wrap_moe_layers)
+from moe_ep.activation_checkpointing import enable_activation_checkpointing  # noqa: E402
+from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, deepspeed_precision,  # noqa: E402
+                                           grad_clip_plan, moe_layers, optimizer_param_groups, train_step,
+                                           undo_initial_optimizer_step, wrap_moe_layers)
 from moe_ep.models import MODEL_PRESETS  # noqa: E402
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
@@ -82,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
     p.add_argument("--out", default="runs/ds-train", help="output folder (metrics, plots, checkpoints)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each transformer block's input and recompute the block in backward")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:
@@ -97,13 +104,14 @@ def train_config(args: argparse.Namespace, ds_config: dict, seq_len: int) -> Tra
     if optimizer.get("type", "").lower() not in ("adamw", "adam"):
         raise SystemExit(f"{args.deepspeed_config}: optimizer.type must be AdamW (the plain loop's optimizer)")
     params = optimizer.get("params", {})
-    if ds_config.get("gradient_accumulation_steps", 1) != 1:
-        raise SystemExit("gradient_accumulation_steps must be 1 (one batch per optimizer step, as the plain loop)")
     if "train_micro_batch_size_per_gpu" not in ds_config:
         raise SystemExit(f"{args.deepspeed_config}: set train_micro_batch_size_per_gpu (sequences per rank)")
+    accum = int(ds_config.get("gradient_accumulation_steps", 1))
     betas = params.get("betas", (_DEFAULTS.beta1, _DEFAULTS.beta2))
     clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
-    return TrainConfig(steps=args.steps, batch_size=int(ds_config["train_micro_batch_size_per_gpu"]),
+    # the plain loop's batch_size is per rank per optimizer step: the micro-batches of one step
+    return TrainConfig(steps=args.steps, batch_size=int(ds_config["train_micro_batch_size_per_gpu"]) * accum,
+                       grad_accum=accum, activation_checkpointing=args.activation_checkpointing,
                        seq_len=seq_len, lr=float(params.get("lr", _DEFAULTS.lr)), min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup, weight_decay=float(params.get("weight_decay", 0.0)),
                        beta1=float(betas[0]), beta2=float(betas[1]), grad_clip=clip or None,
@@ -116,6 +124,7 @@ def main(argv=None) -> None:
     ds_config = json.loads(Path(args.deepspeed_config).read_text())
     engine_config, manual_clip = grad_clip_plan(ds_config)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    precision = deepspeed_precision(ds_config)
 
     parallel = deepspeed_parallel_state(args.ep_size, nodes=args.nodes)
     rank = dist.get_rank()
@@ -135,9 +144,12 @@ def main(argv=None) -> None:
         if args.hf_model:
             raise SystemExit("--init-from takes a moe_ep checkpoint of a preset model; it does not apply to --hf-model")
         restored = restore_training_state(Path(args.init_from), model, sampler, parallel, cfg)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     wrap_moe_layers(model, args.ep_size)
     engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
                                            model_parameters=optimizer_param_groups(model, cfg.weight_decay))
+    undo_initial_optimizer_step(engine)  # bf16 at ZeRO 0: DeepSpeed's wrapper took an AdamW step at construction
 
     start = 0
     if restored is not None:
@@ -160,14 +172,15 @@ def main(argv=None) -> None:
                         ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
                         data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
                                   val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
-                        deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, config=ds_config,
+                        deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, precision=precision,
+                                       config=ds_config,
                                        clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
                         resumed_at_step=start or None, init_from=args.init_from)
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[moe_ep/deepspeed] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "
               f"world {parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), ZeRO stage {stage}, "
-              f"{device}", flush=True)
+              f"{precision}, {cfg.grad_accum} micro-batch(es) per step, {device}", flush=True)
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0, start_step=start)
     val_batches = [b.to(device) for b in sampler.val_batches(cfg.val_batches)]
@@ -196,8 +209,7 @@ def main(argv=None) -> None:
         meter.begin_step()
         batch = sampler.batch(step).to(device, non_blocking=True)
         lr = lr_at(step, cfg)
-        ce, aux, grad_norm, stats = train_step(engine, model, batch, lr, parallel, manual_clip)
-        meter.add(ce, aux, grad_norm, stats, lr)
+        meter.add(train_step(engine, model, batch, lr, parallel, manual_clip), lr)
         bar.advance()
     bar.close()
 

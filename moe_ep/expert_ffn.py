@@ -23,6 +23,12 @@ experts' activation checkpointing). Backward, with ``dY_R = dY_S[row]``:
     d weight_r = <dA~_r, act(h_r)>          dh = act'(h) (weight * dA~)
     dW_in[e]  = x_e^T dh_e                  dx_S = index_add over row of dh W_in^T
 
+Precision: the function computes in the dtypes it receives (x and the
+weights in one dtype, the gate weights in any float dtype), forward and
+backward, with autocast off whatever the caller's state: ``MoELayer``
+chooses the compute dtype and casts x once before dispatch,
+``RoutedExperts`` casts the weights to x's dtype.
+
 The grouped products come from the backend (``moe_ep.expert_backend``):
 Triton fuses the gather, the activation and the gate weight into the first
 GEMM; torch and the loop gather with ``index_select`` first. Each pass
@@ -37,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from .activations import ACTIVATIONS, activate, activation_grad
 from .expert_backend import grouped_ops
+from .precision import autocast_off
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -56,6 +63,11 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_SH):
+        with autocast_off(dy_SH.device.type):
+            return _ExpertFFN._backward(ctx, dy_SH)
+
+    @staticmethod
+    def _backward(ctx, dy_SH):
         x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
         ops, activation = ctx.ops, ctx.activation
         need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
@@ -90,7 +102,7 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         row_R: [R] int64 source row of each expert-sorted row (repeats allowed).
         counts_E: [E] int64 rows per expert (sum R), on x's device.
         weight_R: [R] gate weight of each row (any float dtype; its gradient keeps it).
-        w_in: [E, H, J]; w_out: [E, I, H], in x's dtype.
+        w_in: [E, H, J]; w_out: [E, I, H], in x's dtype (the compute dtype; autocast does not apply).
         activation: ``swiglu`` or ``gelu``.
         backend: ``auto`` | ``triton`` | ``torch`` | ``loop`` (``moe_ep.expert_backend``).
         recompute: do not keep the pre-activations for backward; recompute them.
@@ -106,7 +118,11 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
     if counts_E.shape != (E,) or row_R.dim() != 1 or row_R.shape != weight_R.shape:
         raise ValueError(f"expert_ffn: expected counts [{E}] and row/weight [R], got counts "
                          f"{tuple(counts_E.shape)}, row {tuple(row_R.shape)}, weight {tuple(weight_R.shape)}")
+    if w_in.dtype != x_SH.dtype or w_out.dtype != x_SH.dtype:
+        raise ValueError(f"expert_ffn: x is {x_SH.dtype} but w_in is {w_in.dtype} and w_out {w_out.dtype}; "
+                         f"cast the weights to x's dtype (the compute dtype)")
     ops = grouped_ops(backend, x_SH, row_R.numel(), w_in, w_out)
-    return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
+    with autocast_off(x_SH.device.type):
+        return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
 
 

@@ -69,8 +69,12 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Linear(W, H, bias=False)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The FFN in x's dtype (the weights are cast to it, as the routed experts' are)."""
+        def proj(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h, linear.weight.to(h.dtype))
+
         if self.gate_proj is not None:
-            h = F.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH)
+            h = F.silu(proj(self.gate_proj, x_TH)) * proj(self.up_proj, x_TH)
         else:
-            h = F.gelu(self.up_proj(x_TH))
-        return self.down_proj(h)
+            h = F.gelu(proj(self.up_proj, x_TH))
+        return proj(self.down_proj, h)

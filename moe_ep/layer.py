@@ -7,11 +7,27 @@ DeepSeek models). After each forward, ``layer.aux_loss`` holds the sum of the
 enabled balance losses (a scalar with gradient, or a zero tensor) and
 ``layer.last_stats`` the global routing statistics. docs/design.md has the
 data flow.
+
+Precision: the router, scores, balance losses and statistics are computed in
+``router_dtype`` (fp32 by default), the experts in the *compute dtype*: the
+autocast dtype when autocast is on for the input's device, else the input's
+dtype. The input is cast to it once, before dispatch, so rows cross the
+all-to-all in it; inside the layer autocast is off and every dtype is explicit.
+
+Per optimizer step (training forwards only): the global loads and the number
+of forwards that applied a capacity are *pending* until ``update_bias()``
+commits them (V3 bias step, ``drop_step`` advanced) or ``discard_pending()``
+drops them (a step the optimizer skipped). Activation checkpointing runs the
+first forward inside ``recording(log)`` and its recomputation inside
+``recomputing(log)``: the recomputation replays the drop step the first
+forward used (hence the same routing and dropping) and changes no state.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from dataclasses import field
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,6 +41,7 @@ from .experts import RoutedExperts, SharedExperts
 from .finite import count_nonfinite, raise_if_nonfinite
 from .parallel.consistency import check_same_on_ranks
 from .parallel.state import ParallelState
+from .precision import autocast_off, compute_dtype
 from .router import Router
 
 
@@ -50,6 +67,14 @@ def _check_placement(config: MoEConfig, parallel: ParallelState) -> None:
                          f"expert-parallel group for node-limited routing")
 
 
+@dataclasses.dataclass
+class ReplayLog:
+    """The drop steps (protected-sequence windows) one checkpointed forward of a layer used, in call order."""
+
+    drop_steps: list[int] = field(default_factory=list)
+    cursor: int = 0
+
+
 class MoELayer(nn.Module):
     """A DeepSeek-family MoE FFN; pass ``parallel`` to hold only this rank's experts.
 
@@ -58,8 +83,10 @@ class MoELayer(nn.Module):
     the world: every rank must build its layers in the same order with the
     same config and layout (compared by ``check_same_on_ranks``; a mismatch
     raises on every rank).
-    ``forward_count``: forward calls so far (training and eval), the "step"
-    named by ``check_finite`` errors.
+    ``forward_count``: forward calls so far (training and eval, recomputations
+    excluded), the "step" named by ``check_finite`` errors.
+    ``load_accum`` (float64) and ``pending_drop_forwards``: the loads and
+    capacity forwards of the optimizer step in progress (module docstring).
     """
 
     def __init__(self, config: MoEConfig, parallel: Optional[ParallelState] = None, name: str = "moe"):
@@ -87,23 +114,69 @@ class MoELayer(nn.Module):
         self.side_stream = SideStream()
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
+        self.pending_drop_forwards = 0
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: Optional[RoutingStats] = None
+        self._log: Optional[ReplayLog] = None
+        self._replaying = False
+
+    def _apply(self, fn, recurse=True):
+        # Casting the module (.to(dtype), .bfloat16(), ...) leaves the pending loads in float64: they are counts.
+        out = super()._apply(fn, recurse)
+        self.load_accum = self.load_accum.double()
+        return out
+
+    @contextlib.contextmanager
+    def recording(self, log: ReplayLog) -> Iterator[None]:
+        """Training forwards inside note the drop step they use in ``log`` (a checkpointed region's first forward)."""
+        with self._using_log(log, replay=False):
+            yield
+
+    @contextlib.contextmanager
+    def recomputing(self, log: ReplayLog) -> Iterator[None]:
+        """Forwards inside replay the ones ``recording(log)`` saw (activation checkpointing's recomputation).
+
+        They use the same drop steps, in order (so with the same input and
+        router noise they route and drop identically), and change no state:
+        ``aux_loss``, ``last_stats``, ``load_accum``, the pending drop step and
+        ``forward_count`` stay those of the first forward. They make the same
+        collectives as any forward, so every rank must recompute alike.
+        """
+        log.cursor = 0
+        with self._using_log(log, replay=True):
+            yield
+
+    @contextlib.contextmanager
+    def _using_log(self, log: ReplayLog, replay: bool) -> Iterator[None]:
+        previous = self._log, self._replaying
+        self._log, self._replaying = log, replay
+        try:
+            yield
+        finally:
+            self._log, self._replaying = previous
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.dim() == 0 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"MoELayer {self.name!r}: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
-        self.forward_count += 1
-        x_TH = x.reshape(-1, cfg.hidden_size)
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):
+            return self._forward(x.reshape(-1, cfg.hidden_size), x.shape, dtype)
+
+    def _forward(self, x_TH: torch.Tensor, shape: torch.Size, expert_dtype: torch.dtype) -> torch.Tensor:
+        cfg = self.config
+        replay = self._replaying
+        if not replay:
+            self.forward_count += 1
         T = x_TH.shape[0]
-        seq_len = x.shape[-2] if x.dim() >= 3 else T
+        seq_len = shape[-2] if len(shape) >= 3 else T
         n_seq = T // seq_len if seq_len else 0
-        seq_id_T = torch.arange(T, device=x.device) // max(seq_len, 1)
+        seq_id_T = torch.arange(T, device=x_TH.device) // max(seq_len, 1)
 
         routing = self.router(x_TH)
         rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
+        x_TH = x_TH.to(expert_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
         overlap = None
         if self.shared_experts is not None:  # on a GPU: a side stream, joined before the sum
             overlap = lambda: self.side_stream.launch(self.shared_experts, x_TH)  # noqa: E731
@@ -116,18 +189,18 @@ class MoELayer(nn.Module):
         nonfinite_C = count_nonfinite(x_TH, routing.logits_TE, y_TH) if cfg.check_finite else None
         counts = global_counts(routing, result.keep_TK, result.processed_pairs, n_seq, self.n_devices,
                                self.parallel, nonfinite_C)
-        if nonfinite_C is not None:
+        if nonfinite_C is not None and not replay:  # a replay sees the checked values again
             mode = "training" if self.training else "eval"
             raise_if_nonfinite(counts.nonfinite_C, nonfinite_C,
                                f"MoELayer {self.name!r}, forward {self.forward_count} ({mode})")
         loss = aux_loss(routing, seq_id_T, n_seq, counts, cfg, self.n_devices, self.device_limit, self.parallel)
-        self.aux_loss = loss if loss is not None else y_TH.new_zeros((), dtype=torch.float32)
-        self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)
-        if self.training:
-            self.load_accum += counts.load_E
-            if rule is not None:
-                self.drop_step += 1
-        return y_TH.view(x.shape)
+        if not replay:
+            self.aux_loss = loss if loss is not None else y_TH.new_zeros((), dtype=torch.float32)
+            self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)
+            if self.training:
+                self.load_accum += counts.load_E
+                self.pending_drop_forwards += rule is not None
+        return y_TH.view(shape)
 
     def _capacity_factors(self) -> tuple[Optional[float], Optional[float]]:
         """(expert, device) capacity factors in force, None where unlimited."""
@@ -160,7 +233,7 @@ class MoELayer(nn.Module):
                         expert_cf=expert_cf, device_cf=device_cf, policy=cfg.drop_policy)
         if self.training:
             protected_T = protected_sequences(seq_id_T + seq_offset, n_seq_total, cfg.protected_seq_frac,
-                                              int(self.drop_step))
+                                              self._drop_index())
         else:
             protected_T = torch.zeros(T, dtype=torch.bool, device=device)
         keys = PairKeys(
@@ -172,18 +245,48 @@ class MoELayer(nn.Module):
         )
         return rule, keys
 
+    def _drop_index(self) -> int:
+        """The protected-sequence window of this training forward: committed + pending capacity forwards.
+
+        A replay (``recomputing``) reads the index of the forward it replays from the log.
+        """
+        log = self._log
+        if self._replaying:
+            if log.cursor >= len(log.drop_steps):
+                raise RuntimeError(f"MoELayer {self.name!r}: a recomputation ran more capacity forwards than the "
+                                   f"checkpointed forward recorded ({len(log.drop_steps)})")
+            log.cursor += 1
+            return log.drop_steps[log.cursor - 1]
+        index = int(self.drop_step) + self.pending_drop_forwards
+        if log is not None:
+            log.drop_steps.append(index)
+        return index
+
     # -------------------------------------------------------------- balancing
     @torch.no_grad()
     def update_bias(self) -> None:
-        """V3 aux-free step from the loads routed since the last call.
+        """Close an applied optimizer step: V3 aux-free bias step from the pending loads, ``drop_step`` advanced.
 
-        Call once per optimizer step. Loads are already global (all-reduced
-        over every rank in forward), so every rank applies the same update
-        and the bias stays bitwise identical.
+        Call once per optimizer step, after the optimizer applied it (every
+        micro-batch's loads count). Loads are already global (all-reduced over
+        every rank in forward), so every rank applies the same update and the
+        bias stays bitwise identical. ``drop_step`` grows by the step's
+        training forwards that applied a capacity.
         """
         if self.config.aux_free_bias:
             self.router.update_bias(self.load_accum)
+        self.drop_step += self.pending_drop_forwards
+        self.discard_pending()
+
+    @torch.no_grad()
+    def discard_pending(self) -> None:
+        """Close a step the optimizer skipped (fp16 overflow): its loads and capacity forwards are forgotten.
+
+        The bias and ``drop_step`` stay as they were, so the step that
+        follows routes and protects as the skipped one did.
+        """
         self.load_accum.zero_()
+        self.pending_drop_forwards = 0
 
     # ------------------------------------------------------------ checkpoints
     def full_state_dict(self) -> dict:

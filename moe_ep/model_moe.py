@@ -5,9 +5,10 @@ a transformers DeepSeek model after ``moe_ep.hf_model.expert_parallelize``,
 and either one after ``integrations.deepspeed.wrap_moe_layers`` (the wrapper
 holds the layer, so it is found too). The training loops use them:
 
-    loss = task_loss + total_aux_loss(model)       after the forward
+    loss = task_loss + total_aux_loss(model)       after the forward (of each micro-batch)
     ...optimizer step...
-    update_moe_bias(model)                         once per optimizer step
+    update_moe_bias(model)                         once per applied optimizer step
+    discard_moe_pending(model)                     instead, for a step the optimizer skipped (fp16 overflow)
 
 ``MoEBalancing`` gives a model class the same four as methods
 (``moe_layers()``, ``aux_loss()``, ``update_moe_bias()``, ``parameter_counts()``).
@@ -36,9 +37,15 @@ def total_aux_loss(model: nn.Module) -> torch.Tensor:
 
 
 def update_moe_bias(model: nn.Module) -> None:
-    """One aux-free bias step per MoE layer (V3; a no-op reset for the others); once per optimizer step."""
+    """Close an applied optimizer step in every MoE layer: V3 bias step (if enabled), drop step advanced."""
     for layer in moe_layers(model):
         layer.update_bias()
+
+
+def discard_moe_pending(model: nn.Module) -> None:
+    """Close a skipped optimizer step in every MoE layer: its loads and drop-step advance are forgotten."""
+    for layer in moe_layers(model):
+        layer.discard_pending()
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,13 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
 
+    def _apply(self, fn, recurse=True):
+        # Casting the module (.to(dtype), .bfloat16(), ...) leaves the bias in fp32: gamma-sized steps need it.
+        out = super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return out
+
     def forward(self, x_TH: torch.Tensor) -> Routing:
         cfg = self.config
         x_TH = x_TH.to(cfg.torch_router_dtype)

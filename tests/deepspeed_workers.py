@@ -51,26 +51,18 @@ def _sampler(cfg, rank: int, world: int):
 
 
 def _plain_steps(model, parallel, sampler, cfg, steps: range, snapshots: list | None = None) -> list[float]:
-    """The plain loop's step (moe_ep/training/loop.py) on ``steps``; returns the grad norms.
+    """The plain loop's step (``moe_ep.training.step.train_step``) on ``steps``; returns the grad norms.
 
     ``snapshots`` (optional) receives ``_state(model)`` after each step.
     """
-    from moe_ep.parallel.grads import clip_gradients, sync_gradients
-    from moe_ep.training.loop import cross_entropy
-    from moe_ep.training.optim import build_optimizer, lr_at, set_lr
+    from moe_ep.training.optim import build_optimizer, lr_at
+    from moe_ep.training.step import train_step
 
     optimizer = build_optimizer(model, cfg)
     norms = []
     for step in steps:
-        batch = sampler.batch(step)
-        set_lr(optimizer, lr_at(step, cfg))
-        loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:]) + model.aux_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_gradients(model, parallel)
-        norms.append(float(clip_gradients(model, parallel, cfg.grad_clip)))
-        optimizer.step()
-        model.update_moe_bias()
+        norms.append(float(train_step(model, optimizer, sampler.batch(step), lr_at(step, cfg), parallel,
+                                      cfg).grad_norm))
         if snapshots is not None:
             snapshots.append(_state(model))
     return norms
@@ -98,7 +90,7 @@ def _ds_steps(engine, model, parallel, sampler, cfg, manual_clip, steps: range,
     norms = []
     for step in steps:
         norms.append(float(train_step(engine, model, sampler.batch(step), lr_at(step, cfg), parallel,
-                                      manual_clip)[2]))
+                                      manual_clip).grad_norm))
         if snapshots is not None:
             snapshots.append(_state(model))
     return norms

@@ -10,7 +10,8 @@
 * The wrapper: isinstance of DeepSpeed's MoE, expert marks, deepcopy keeps
   them, state dict layout and round trips, optimizer groups, unwrap.
 * launch/ds_train.py under the deepspeed launcher writes the same
-  metrics.jsonl as launch/train.py under torchrun.
+  metrics.jsonl as launch/train.py under torchrun (both with gradient
+  accumulation and activation checkpointing).
 
 Every distributed run has a hard timeout (``run_on_ranks`` / subprocess
 timeouts) so a hang fails fast. The first DeepSpeed start on a machine
@@ -131,7 +132,7 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 
 COMMON = ["--steps", "4", "--seq-len", "32", "--warmup", "2", "--ep-size", "2", "--log-every", "2", "--val-every", "2",
-          "--val-batches", "1", "--max-data-bytes", str(1 << 18)]
+          "--val-batches", "1", "--max-data-bytes", str(1 << 18), "--activation-checkpointing"]
 COMPARED = ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac", "routed_pairs", "processed_pairs",
             "dropped_pairs")
 
@@ -142,7 +143,7 @@ def _records(out: Path) -> list[dict]:
 
 def _ds_config(folder: Path, stage: int) -> Path:
     config = json.loads((ROOT / "launch" / "ds_config.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = 2
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)  # 2 sequences per step
     config["zero_optimization"] = {"stage": stage}
     path = folder / f"ds_config_zero{stage}.json"
     path.write_text(json.dumps(config))
@@ -156,10 +157,11 @@ def _ds_train(config: Path, out: Path, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
-    """``torchrun launch/train.py`` (ep 2, 2 sequences per rank), checkpoints at steps 2 and 4."""
+    """``torchrun launch/train.py`` (ep 2, 2 sequences per rank in 2 micro-batches), checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("plain")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          "launch/train.py", "--batch-size", "2", "--ckpt-every", "2", "--out", str(out), *COMMON], timeout=120)
+          "launch/train.py", "--batch-size", "2", "--grad-accum", "2", "--ckpt-every", "2", "--out", str(out), *COMMON],
+         timeout=120)
     return out
 
 
@@ -170,7 +172,10 @@ def _assert_records_match(a: dict, b: dict) -> None:
 
 
 def test_ds_train_writes_the_plain_runs_metrics(plain_run, tmp_path):
-    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``."""
+    """``deepspeed --num_gpus 2 launch/ds_train.py`` (ZeRO-1, ep 2) vs ``torchrun launch/train.py``.
+
+    Both accumulate 2 micro-batches of 1 sequence per step and checkpoint their blocks.
+    """
     _ds_train(_ds_config(tmp_path, 1), tmp_path / "ds")
     ds, plain = _records(tmp_path / "ds"), _records(plain_run)
     assert [r["step"] for r in ds] == [r["step"] for r in plain] == [0, 2, 4]

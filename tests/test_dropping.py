@@ -214,6 +214,7 @@ def test_layer_drops_exactly_the_brute_force_pairs(case):
         assert processed == sum(kept for row in keep for kept in row) == stats["processed_pairs"]
         assert torch.allclose(y, y_hand, rtol=1e-5, atol=1e-5)
         assert all(all(keep[t]) for t in range(T) if protected_T[t])
+        layer.update_bias()  # end of the optimizer step: the protected window advances
 
 
 def test_dropped_pair_contributes_zero_but_shared_experts_apply():
@@ -253,7 +254,9 @@ def test_protected_sequences_are_untouched():
     for b in range(4):
         same = torch.allclose(y[b], y_nodrop[b], atol=1e-6)
         assert same == bool(protected[b]), b
-    assert int(layer.drop_step) == step + 1
+    assert int(layer.drop_step) == step and layer.pending_drop_forwards == 1  # pending until the step ends
+    layer.update_bias()
+    assert int(layer.drop_step) == step + 1 and layer.pending_drop_forwards == 0
 
 
 def test_eval_never_drops_without_eval_capacity():

@@ -13,6 +13,7 @@ from moe_ep.finite import NonFiniteError
 from moe_ep.parallel.consistency import describe_mismatch
 from moe_ep.parallel.timeout import as_timedelta
 from moe_ep.training.metrics import IntervalMeter
+from moe_ep.training.step import StepResult
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,10 +92,10 @@ def test_metrics_record_pairs_and_catch_a_lost_pair():
 
     meter = IntervalMeter(2, 2, tokens_per_step=8, device=torch.device("cpu"))
     zero = torch.zeros(())
-    meter.add(zero, zero, zero, [_stats(16, 12, 4), _stats(16, 16, 0)], lr=1e-3)
-    meter.add(zero, zero, zero, [_stats(8, 8, 0), _stats(8, 6, 2)], lr=1e-3)
+    meter.add(StepResult(zero, zero, zero, [[_stats(16, 12, 4), _stats(16, 16, 0)]]), lr=1e-3)
+    meter.add(StepResult(zero, zero, zero, [[_stats(8, 8, 0)], [_stats(8, 6, 2)]]), lr=1e-3)  # 2 micro-batches
     record = meter.flush(ParallelState())
     assert (record["routed_pairs"], record["processed_pairs"], record["dropped_pairs"]) == (48, 42, 6)
-    meter.add(zero, zero, zero, [_stats(16, 11, 4)], lr=1e-3)  # one pair neither processed nor dropped
+    meter.add(StepResult(zero, zero, zero, [[_stats(16, 11, 4)]]), lr=1e-3)  # one pair neither processed nor dropped
     with pytest.raises(RuntimeError, match="pairs lost: 16 routed but 11 processed"):
         meter.flush(ParallelState())

@@ -60,6 +60,12 @@ class Distiller:
                  train_config: Optional[TrainConfig] = None):
         self.parallel = parallel or ParallelState()
         self.cfg = train_config or TrainConfig()
+        unsupported = {k: getattr(self.cfg, k) for k, plain in (("precision", "fp32"), ("grad_accum", 1),
+                                                                ("activation_checkpointing", False))
+                       if getattr(self.cfg, k) != plain}
+        if unsupported:
+            raise ValueError(f"Distiller: {unsupported} are not supported by distillation (one fp32 batch per step, "
+                             f"no checkpointing; student_dtype / teacher_dtype set the weights' dtypes)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = tokenizer
         self.teacher = load_lm(teacher, self.parallel, self.device, resolve_dtype(teacher_dtype), as_teacher=True)

@@ -29,6 +29,7 @@ from ..parallel.state import ParallelState
 from ..training.loop import evaluate
 from ..training.metrics import IntervalMeter, MetricsLog, ProgressBar, read_metrics
 from ..training.plots import plot_run, save_figure
+from ..training.step import StepResult
 from .distiller import Distiller
 
 _METER_PARTS = ("ce", "aux")  # recorded by IntervalMeter as loss and aux_loss
@@ -118,8 +119,8 @@ def distill(distiller: Distiller, sampler: BatchSampler, out_dir: Path) -> Disti
         meter.begin_step()
         batch = sampler.batch(step).to(distiller.device, non_blocking=True)
         _, parts = distiller.train_step(batch[:, :-1], labels=batch[:, 1:])
-        meter.add(parts["ce"], parts["aux"], distiller.last_grad_norm, [layer.last_stats for layer in moe],
-                  distiller.last_lr)
+        stats = [[layer.last_stats for layer in moe]]
+        meter.add(StepResult(parts["ce"], parts["aux"], distiller.last_grad_norm, stats), distiller.last_lr)
         parts_meter.add(parts)
         bar.advance()
     bar.close()

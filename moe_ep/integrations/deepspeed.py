@@ -52,19 +52,22 @@ from deepspeed.utils import groups
 
 from ..dispatch import make_dispatcher
 from ..layer import MoELayer
+from ..model_moe import discard_moe_pending, moe_layers, update_moe_bias
 from ..parallel.consistency import check_same_on_ranks
-from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
+from ..parallel.grads import clip_gradients
 from ..parallel.state import ParallelState, nodes_per_ep_group
 from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
+from ..training.optim import set_lr
+from ..training.step import StepResult, forward_backward, split_micro_batches
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 EXPERT_PARAM_NAMES = ("w_in", "w_out")
 _SHARED_PLAIN = "moe.shared_experts."
 _SHARED_DS = "moe.shared_mlp."
 
-__all__ = ["DeepSpeedMoE", "deepspeed_parallel_state", "expert_group_name", "grad_clip_plan", "moe_layers",
-           "optimizer_param_groups", "parallel_state_from_groups", "train_step", "unwrap_moe_layers",
-           "wrap_moe_layers"]
+__all__ = ["DeepSpeedMoE", "deepspeed_parallel_state", "deepspeed_precision", "expert_group_name", "grad_clip_plan",
+           "moe_layers", "optimizer_param_groups", "parallel_state_from_groups", "train_step",
+           "undo_initial_optimizer_step", "unwrap_moe_layers", "wrap_moe_layers"]
 
 
 # ------------------------------------------------------------------ groups
@@ -345,6 +348,41 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ----------------------------------------------------------------- training
+def deepspeed_precision(ds_config: dict) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: the config's enabled mixed-precision section (raises if both are)."""
+    enabled = [name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled", False)]
+    if len(enabled) > 1:
+        raise ValueError("DeepSpeed config: bf16 and fp16 are both enabled; enable one")
+    return enabled[0] if enabled else "fp32"
+
+
+def undo_initial_optimizer_step(engine) -> bool:
+    """Undo the zero-gradient step DeepSpeed's ``FP16_UnfusedOptimizer`` takes at construction; True if it did.
+
+    DeepSpeed 0.19.8 wraps a torch optimizer in ``FP16_UnfusedOptimizer``
+    for bf16 at ZeRO stage 0, and its ``initialize_optimizer_states`` runs one
+    ``step()`` with zero gradients: AdamW's step counter starts at 1 (every
+    later bias correction is one step late: the first update is 0.73 of
+    AdamW's for betas (0.9, 0.95)) and decoupled weight decay shrinks the fp32
+    masters once by ``lr * weight_decay`` (DeepSpeed issue #5151; PR #5104
+    removes the step for ZeRO). This clears the optimizer state (AdamW
+    re-creates it at its next step, at step 0) and copies the masters back
+    from the bf16 weights, which that step did not touch (the masters were
+    copied from them). Call it once, right after ``deepspeed.initialize``.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return False
+    optimizer.optimizer.state.clear()
+    with torch.no_grad():
+        for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for low, high in zip(lows, highs):
+                high.copy_(low)
+    return True
+
+
 def grad_clip_plan(ds_config: dict) -> tuple[dict, Optional[float]]:
     """(config for ``deepspeed.initialize``, max norm to clip with ``clip_gradients`` ourselves, or None).
 
@@ -353,10 +391,15 @@ def grad_clip_plan(ds_config: dict) -> tuple[dict, Optional[float]]:
     ``gradient_clipping`` is kept. Without ZeRO (stage 0) DeepSpeed averages
     the per-rank norms, which is not the global norm once experts are
     sharded; there the returned config has clipping off and ``train_step``
-    clips with ``moe_ep.parallel.grads.clip_gradients`` after the reduction.
+    clips with ``moe_ep.parallel.grads.clip_gradients`` after the reduction
+    (bf16 gradients under ``bf16``, which has no loss scale). ``fp16`` at
+    stage 0 raises ``ValueError``: the gradients there carry the loss scale.
     """
     config = copy.deepcopy(ds_config)
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 0 and deepspeed_precision(config) == "fp16":
+        raise ValueError("DeepSpeed config: fp16 needs ZeRO stage 1 or 2 with moe_ep: at stage 0 the parameters' "
+                         "gradients are loss-scaled where train_step measures and clips the global norm")
     clip = float(config.get("gradient_clipping", 0.0) or 0.0)
     if stage == 0 and clip > 0:
         config["gradient_clipping"] = 0.0
@@ -365,24 +408,29 @@ def grad_clip_plan(ds_config: dict) -> tuple[dict, Optional[float]]:
 
 
 def train_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, parallel: ParallelState,
-               manual_clip: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """One optimizer step through the engine, as the plain loop's step; returns (ce, aux, grad_norm, stats).
+               manual_clip: Optional[float]) -> StepResult:
+    """One optimizer step through the engine, as the plain loop's step (``moe_ep.training.step``).
 
-    ``loss = CE + aux`` -> ``engine.backward`` (gradient reduction) ->
-    clipping (``manual_clip`` from ``grad_clip_plan``, else DeepSpeed's) ->
-    ``engine.step()`` -> every MoE layer's bias update. ``grad_norm`` is the
-    global norm before clipping (our measurement at stage 0, DeepSpeed's
+    ``batch`` is split into the engine's ``gradient_accumulation_steps``
+    micro-batches; each: ``loss = CE + aux`` -> ``engine.backward`` (which
+    divides by their number; the gradient reduction happens at the last),
+    ``engine.step()`` between micro-batches (no update there). Then clipping
+    (``manual_clip`` from ``grad_clip_plan``, else DeepSpeed's) ->
+    ``engine.step()`` -> the MoE layers close the step: ``update_moe_bias``
+    when the engine applied it, ``discard_moe_pending`` when it skipped it
+    (fp16 overflow: ``engine.was_step_applied()`` is False). ``grad_norm`` is
+    the global norm before clipping (our measurement at stage 0, DeepSpeed's
     with ZeRO, NaN when DeepSpeed computed none).
     """
-    from ..parallel.grads import clip_gradients
-    from ..training.loop import next_token_loss
-    from ..training.optim import set_lr
-
     set_lr(engine.optimizer, lr)
-    ce = next_token_loss(engine, batch)
-    aux = total_aux_loss(model)
-    stats = [layer.last_stats for layer in moe_layers(model)]
-    engine.backward(ce + aux)
+    micro_batches = split_micro_batches(batch, engine.gradient_accumulation_steps())
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        engine.backward(loss)
+        if not last:
+            engine.step()  # counts the micro-step; the update happens at the boundary
+
+    result = forward_backward(engine, model, micro_batches, backward)
     norm = None
     if engine.zero_optimization_stage() == 0:
         norm = clip_gradients(model, parallel, manual_clip)  # measures only when manual_clip is None
@@ -390,5 +438,10 @@ def train_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, paralle
     if norm is None:
         ds_norm = engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
-    update_moe_bias(model)
-    return ce.detach(), aux.detach(), norm.detach().float(), stats
+    result.grad_norm = norm.detach().float()
+    result.applied = engine.was_step_applied()
+    if result.applied:
+        update_moe_bias(model)
+    else:
+        discard_moe_pending(model)
+    return result

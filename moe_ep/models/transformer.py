@@ -18,6 +18,11 @@ layers' auxiliary losses (add it to the training loss); the training loop
 calls ``update_moe_bias()`` once per optimizer step, after ``optimizer.step()``,
 which applies DeepSeek-V3's bias update to layers with ``aux_free_bias``
 from the loads routed since the previous call.
+
+Activation checkpointing: with ``activation_checkpointing = True``, every
+block of a training forward with gradients runs under
+``moe_ep.activation_checkpointing.checkpoint_block`` (only its input is kept;
+it is recomputed in backward, its MoE layer replaying its first forward).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..activation_checkpointing import checkpoint_block
 from ..layer import MoELayer
 from ..model_moe import MoEBalancing
 from ..parallel.state import ParallelState
@@ -75,7 +81,10 @@ def _generator(seed: int, *key) -> torch.Generator:
 
 
 class MoETransformerLM(MoEBalancing, nn.Module):
-    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``MoEBalancing`` gives the MoE helpers."""
+    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``MoEBalancing`` gives the MoE helpers.
+
+    ``activation_checkpointing`` (False): checkpoint every block in training forwards (module docstring).
+    """
 
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, seed: int = 0):
         super().__init__()
@@ -86,6 +95,7 @@ class MoETransformerLM(MoEBalancing, nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                     bias=False)
+        self.activation_checkpointing = False
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -125,8 +135,12 @@ class MoETransformerLM(MoEBalancing, nn.Module):
         """
         h_BSH = self.embed(input_ids_BS)
         hidden, attentions = [h_BSH], []
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            h_BSH, probs_BNSS = block(h_BSH, output_attentions)
+            if checkpointed:
+                h_BSH, probs_BNSS = checkpoint_block(block, h_BSH, output_attentions)
+            else:
+                h_BSH, probs_BNSS = block(h_BSH, output_attentions)
             hidden.append(h_BSH)
             attentions.append(probs_BNSS)
         h_BSH = self.norm(h_BSH)

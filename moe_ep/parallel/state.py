@@ -137,11 +137,11 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
     set_collective_timeout(timeout, dist.group.WORLD)
     world = dist.get_world_size()
     ep_size = world if ep_size is None else ep_size
-    if nodes is None:
-        nodes = nodes_per_ep_group(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     check_same_on_ranks("init_expert_parallel", dict(world_size=world, ep_size=ep_size, nodes=nodes))
     if ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
+    if nodes is None:
+        nodes = nodes_per_ep_group(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if nodes < 1 or ep_size % nodes != 0:
         raise ValueError(f"init_expert_parallel: nodes={nodes} does not divide ep_size={ep_size}")
     from torch.distributed.device_mesh import init_device_mesh

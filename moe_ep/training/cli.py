@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import TrainConfig
+from .config import PRECISIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -28,6 +28,12 @@ def add_loop_arguments(parser: argparse.ArgumentParser, out_default: str) -> Non
     p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
     p.add_argument("--out", default=out_default, help="output folder (metrics, plots, checkpoints)")
+    p.add_argument("--precision", default=_DEFAULTS.precision, choices=PRECISIONS,
+                   help="bf16: autocast with fp32 weights, gradients and AdamW state (default fp32)")
+    p.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum,
+                   help="micro-batches per optimizer step, each batch-size / grad-accum sequences (default 1)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each transformer block's input and recompute the block in backward")
 
 
 def loop_config(args: argparse.Namespace, default_seq_len: int = _DEFAULTS.seq_len) -> TrainConfig:
@@ -36,4 +42,5 @@ def loop_config(args: argparse.Namespace, default_seq_len: int = _DEFAULTS.seq_l
                        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, log_every=args.log_every,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, val_batches=args.val_batches,
-                       seed=args.seed, out_dir=args.out)
+                       seed=args.seed, out_dir=args.out, precision=args.precision, grad_accum=args.grad_accum,
+                       activation_checkpointing=args.activation_checkpointing)

@@ -5,6 +5,8 @@ import ast
 import dataclasses
 from dataclasses import dataclass
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -23,6 +25,12 @@ class TrainConfig:
     val_batches: validation batches per rank.
     seed: model initialisation and data order.
     out_dir: metrics.jsonl, plots and ckpt/ go here.
+    precision: ``fp32`` or ``bf16`` (autocast; weights, gradients and AdamW
+        state stay fp32); moe_ep/training/step.py.
+    grad_accum: micro-batches per optimizer step; each is ``batch_size /
+        grad_accum`` sequences (the step's batch is unchanged).
+    activation_checkpointing: checkpoint every transformer block
+        (moe_ep/activation_checkpointing.py).
 
     Resuming from a checkpoint requires the checkpoint's values of the fields
     in ``moe_ep.checkpoint.save_load.TRAJECTORY_FIELDS`` and its global batch
@@ -45,9 +53,12 @@ class TrainConfig:
     val_batches: int = 4
     seed: int = 0
     out_dir: str = "runs/train"
+    precision: str = "fp32"
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every", "val_every", "val_batches"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "val_every", "val_batches", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}: must be a positive int, got {value!r}")
@@ -59,6 +70,12 @@ class TrainConfig:
                              f"{self.min_lr_ratio}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip: must be positive or None, got {self.grad_clip!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainConfig.grad_accum: {self.grad_accum} micro-batches do not divide batch_size "
+                             f"{self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision: {self.precision!r} is not one of {PRECISIONS} (fp16 needs "
+                             f"loss scaling: use DeepSpeed's fp16, launch/ds_config_fp16.json)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,10 +1,11 @@
 """The training loop shared by launchers.
 
-One optimizer step ``s`` (0-based) on every rank:
+One optimizer step ``s`` (0-based) on every rank (``step.train_step``):
 
     batch  = sampler.batch(s)                       this rank's [B, S+1] windows
-    loss   = CE(model(batch[:, :-1]), batch[:, 1:]) + total_aux_loss(model)
-    loss.backward()
+    for each of the grad_accum micro-batches m of batch (autocast under bf16):
+        loss_m = CE(model(m[:, :-1]), m[:, 1:]) + total_aux_loss(model)
+        (loss_m / grad_accum).backward()
     sync_gradients(model, parallel)                 global gradient (moe_ep/parallel/grads.py)
     clip_gradients(model, parallel, grad_clip)      global norm over the unsharded model
     optimizer.step()                                AdamW at lr_at(s)
@@ -13,6 +14,9 @@ One optimizer step ``s`` (0-based) on every rank:
 ``model`` is an ``MoETransformerLM`` or a transformers causal LM made
 expert-parallel by ``moe_ep.hf_model.expert_parallelize`` (its output's
 ``.logits`` are used); ``moe_ep.model_moe`` finds the MoE layers of either.
+With ``activation_checkpointing`` its blocks are checkpointed
+(``moe_ep.activation_checkpointing``); validation runs under the training
+precision's autocast.
 
 Between steps, at ``step`` = updates done: a record is written when ``step``
 is a multiple of ``log_every`` or the last step (metrics.py lists the
@@ -29,17 +33,18 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from ..activation_checkpointing import enable_activation_checkpointing
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import BatchSampler
-from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
-from ..parallel.grads import clip_gradients, sync_gradients
+from ..model_moe import moe_layers
 from ..parallel.state import ParallelState
 from .config import TrainConfig
 from .metrics import IntervalMeter, MetricsLog, ProgressBar
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at
+# cross_entropy now lives in step.py; it stays importable from here, as before
+from .step import cross_entropy, next_token_loss, precision_autocast, train_step  # noqa: F401
 
 
 @dataclass
@@ -50,49 +55,22 @@ class RunResult:
     last_checkpoint: Optional[Path]
 
 
-def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32."""
-    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-
-
-def next_token_loss(model: nn.Module, batch_BS: torch.Tensor) -> torch.Tensor:
-    """``cross_entropy`` of ``model(batch[:, :-1])`` against ``batch[:, 1:]``.
-
-    The model returns logits ``[B, S-1, V]`` (``MoETransformerLM``) or a
-    transformers output whose ``.logits`` they are.
-    """
-    out = model(batch_BS[:, :-1])
-    return cross_entropy(out if torch.is_tensor(out) else out.logits, batch_BS[:, 1:])
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], parallel: ParallelState) -> float:
-    """Mean validation cross-entropy over every rank's batches (collective)."""
+def evaluate(model: nn.Module, batches: list[torch.Tensor], parallel: ParallelState,
+             precision: str = "fp32") -> float:
+    """Mean validation cross-entropy over every rank's batches (collective), under ``precision``'s autocast."""
     was_training = model.training
     model.eval()
     device = batches[0].device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        total[0] += next_token_loss(model, batch).double() * batch[:, 1:].numel()
+        with precision_autocast(precision, device):
+            ce = next_token_loss(model, batch)
+        total[0] += ce.double() * batch[:, 1:].numel()
         total[1] += batch[:, 1:].numel()
     parallel.all_reduce_world(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
-
-
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float,
-                parallel: ParallelState, cfg: TrainConfig, meter: IntervalMeter) -> None:
-    set_lr(optimizer, lr)
-    ce = next_token_loss(model, batch)
-    aux = total_aux_loss(model)
-    stats = [layer.last_stats for layer in moe_layers(model)]
-    optimizer.zero_grad(set_to_none=True)
-    (ce + aux).backward()
-    sync_gradients(model, parallel)
-    grad_norm = clip_gradients(model, parallel, cfg.grad_clip)
-    optimizer.step()
-    update_moe_bias(model)
-    meter.add(ce.detach(), aux.detach(), grad_norm, stats, lr)
 
 
 def train(model: nn.Module, sampler: BatchSampler, parallel: ParallelState, cfg: TrainConfig,
@@ -106,6 +84,8 @@ def train(model: nn.Module, sampler: BatchSampler, parallel: ParallelState, cfg:
     is_rank0 = not parallel.distributed or dist.get_rank() == 0
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, cfg)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     start = 0
     if resume_from is not None:
         start = load_checkpoint(resume_from, model, optimizer, sampler, parallel, cfg)
@@ -124,7 +104,7 @@ def train(model: nn.Module, sampler: BatchSampler, parallel: ParallelState, cfg:
         if step > start and (step % cfg.log_every == 0 or last):
             record.update(meter.flush(parallel))
         if step == start or step % cfg.val_every == 0 or last:
-            val_losses[step] = record["val_loss"] = evaluate(model, val_batches, parallel)
+            val_losses[step] = record["val_loss"] = evaluate(model, val_batches, parallel, cfg.precision)
         if record:
             log.write(dict(step=step, **record))
             bar.show(record)
@@ -134,7 +114,8 @@ def train(model: nn.Module, sampler: BatchSampler, parallel: ParallelState, cfg:
             break
         meter.begin_step()
         batch = sampler.batch(step).to(device, non_blocking=True)
-        _train_step(model, optimizer, batch, lr_at(step, cfg), parallel, cfg, meter)
+        lr = lr_at(step, cfg)
+        meter.add(train_step(model, optimizer, batch, lr, parallel, cfg), lr)
         bar.advance()
     bar.close()
     return RunResult(val_losses=val_losses, last_checkpoint=last_checkpoint)

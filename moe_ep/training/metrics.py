@@ -16,12 +16,17 @@ optimizer updates:
                   by the experts (counted where they ran), removed by the
                   capacities; ``flush`` raises unless processed + dropped = routed
     max_vio       MaxVio: per step the worst MoE layer's
-                  (max expert load - mean load) / mean load, averaged over the interval
-    grad_norm     mean global gradient norm before clipping
+                  (max expert load - mean load) / mean load, loads over the
+                  step's micro-batches, averaged over the interval
+    grad_norm     mean global gradient norm before clipping (applied steps)
+    skipped_steps optimizer steps of the interval skipped for fp16 overflow
+                  (DeepSpeed's loss scaler; 0 otherwise)
     lr            learning rate of the interval's last update
     expert_load   per MoE layer, each expert's share of the interval's routed pairs
     val_loss      validation cross-entropy (validation steps only)
 
+A step is one optimizer step whatever its number of micro-batches: losses
+are the step's means, pair counts and loads the step's sums.
 The step-0 record holds only ``val_loss`` (nothing is trained yet).
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ..parallel.state import ParallelState
+from .step import StepResult
 
 
 class IntervalMeter:
@@ -53,6 +59,7 @@ class IntervalMeter:
         self.sums = torch.zeros(7, **f64)  # loss, aux, grad_norm, routed, processed, dropped, max_vio
         self.load_LE = torch.zeros(self.shape, **f64)
         self.steps = 0
+        self.skipped = 0
         self.lr = 0.0
         self.seconds = 0.0
         self.step_started = self.step_ended = time.perf_counter()
@@ -61,16 +68,23 @@ class IntervalMeter:
         """Start the clock of one training step."""
         self.step_started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor, stats: list, lr: float) -> None:
-        """End a training step: local loss, global aux loss, norm, the MoE layers' ``last_stats``."""
+    def add(self, result: StepResult, lr: float) -> None:
+        """End a training step: its losses (local CE, global aux), norm and every micro-batch's MoE ``last_stats``."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        pairs = [sum((getattr(s, name).double() for s in stats), zero)
+        flat = [s for micro in result.stats for s in micro]
+        pairs = [sum((getattr(s, name).double() for s in flat), zero)
                  for name in ("routed_pairs", "processed_pairs", "dropped_pairs")]
-        max_vio = torch.stack([s.max_violation.double() for s in stats]).max() if stats else zero
-        self.sums += torch.stack([loss.double(), aux.double(), grad_norm.double(), *pairs, max_vio])
-        if stats:
-            self.load_LE += torch.stack([s.tokens_per_expert.double() for s in stats])
+        max_vio = zero
+        if flat:
+            step_load_LE = torch.stack([torch.stack([s.tokens_per_expert.double() for s in micro])
+                                        for micro in result.stats]).sum(0)
+            mean_L1 = step_load_LE.mean(-1, keepdim=True).clamp_min(1e-9)
+            max_vio = ((step_load_LE.max(-1, keepdim=True).values - mean_L1) / mean_L1).max()
+            self.load_LE += step_load_LE
+        grad_norm = result.grad_norm.double() if result.applied else zero
+        self.sums += torch.stack([result.ce.double(), result.aux.double(), grad_norm, *pairs, max_vio])
         self.steps += 1
+        self.skipped += not result.applied
         self.lr = lr
         self.step_ended = time.perf_counter()
         self.seconds += self.step_ended - self.step_started
@@ -87,9 +101,11 @@ class IntervalMeter:
                                f"{processed:.0f} processed + {dropped:.0f} dropped")
         n = max(self.steps, 1)
         share_LE = self.load_LE / self.load_LE.sum(-1, keepdim=True).clamp_min(1)
+        applied = self.steps - self.skipped
         record = dict(loss=loss / n, aux_loss=aux / n,
                       tokens_per_s=self.tokens_per_step * self.steps / max(seconds, 1e-9),
-                      dropped_frac=dropped / max(routed, 1.0), max_vio=max_vio / n, grad_norm=grad_norm / n,
+                      dropped_frac=dropped / max(routed, 1.0), max_vio=max_vio / n,
+                      grad_norm=grad_norm / applied if applied else float("nan"), skipped_steps=self.skipped,
                       lr=self.lr, routed_pairs=int(routed), processed_pairs=int(processed), dropped_pairs=int(dropped),
                       expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()])
         self.reset()

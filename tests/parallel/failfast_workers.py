@@ -11,6 +11,7 @@ import moe_ep
 from moe_ep import MoEConfig, MoELayer
 from moe_ep.finite import NonFiniteError
 from moe_ep.training.metrics import IntervalMeter
+from moe_ep.training.step import StepResult
 
 SMALL = dict(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2)
 
@@ -110,6 +111,6 @@ def skewed_dropping_metrics(rank: int, world: int, steps: int) -> dict:
         with torch.no_grad():
             for layer in layers:
                 layer(x)
-        meter.add(zero, zero, zero, [layer.last_stats for layer in layers], lr=0.0)
+        meter.add(StepResult(zero, zero, zero, [[layer.last_stats for layer in layers]]), lr=0.0)
         tokens += batch * 8
     return dict(record=meter.flush(state), tokens=tokens)

@@ -1,0 +1,186 @@
+"""Timing, peak-memory and machine-description helpers of the layer benchmarks.
+
+* ``interleaved_samples``: every step timed once per round, rounds repeated
+  (A, B, C, A, B, C, ...), so load changes on a shared machine hit every
+  implementation alike. A sample is the wall time of the step on every rank
+  (barrier before and after, ``torch.cuda.synchronize`` on CUDA) and the CPU
+  time this process spent in it (all its threads, user + system; on CUDA the
+  host's share only): on an oversubscribed CPU machine the wall time mostly
+  measures the other jobs, the CPU time much less so.
+* ``peak_memory_mb``: memory high-water mark of one call above the level
+  before it: on CPU the process RSS (``VmHWM`` after resetting it through
+  ``/proc/self/clear_refs``, freed heap returned to the OS first with
+  ``malloc_trim``), on CUDA ``torch.cuda.max_memory_allocated``. Call
+  ``pin_mmap_threshold`` first in a process that measures CPU memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import platform
+import time
+from importlib import metadata
+from typing import Callable, Hashable
+
+import torch
+import torch.distributed as dist
+
+from layer_impls import BuiltImpl
+
+
+# ------------------------------------------------------------------- steps
+def forward_only(impl: BuiltImpl) -> None:
+    """Inference forward (no autograd graph), modules left in training mode so capacities apply."""
+    with torch.no_grad():
+        impl.forward()
+
+
+def forward_backward(impl: BuiltImpl) -> None:
+    """Forward, backward with the fixed output gradients, gradients released (``set_to_none``)."""
+    torch.autograd.backward(impl.forward(), impl.grad_outputs)
+    impl.zero_grad()
+
+
+# ------------------------------------------------------------------ timing
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds of one ``fn()`` on every rank, CPU seconds this process spent in it).
+
+    The CPU time stops before the closing barrier: waiting for the other
+    ranks is not this rank's work.
+    """
+    _synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    cpu = time.process_time() - cpu
+    _synchronize(device)
+    return time.perf_counter() - wall, cpu
+
+
+def interleaved_samples(steps: dict[Hashable, Callable[[], None]], iters: int, warmup: int,
+                        device: torch.device) -> dict[Hashable, list[tuple[float, float]]]:
+    """``warmup`` untimed rounds, then ``iters`` rounds timing every step once, in dict order:
+    ``iters`` (wall, CPU) seconds per step."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    samples = {key: [] for key in steps}
+    for _ in range(iters):
+        for key, fn in steps.items():
+            samples[key].append(timed(fn, device))
+    return samples
+
+
+# ------------------------------------------------------------------ memory
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """glibc: serve every block of ``nbytes`` or more by its own mmap, unmapped when freed.
+
+    By default glibc raises this threshold (up to 32 MiB) whenever such a
+    block is freed; freed blocks below it then stay resident in the heap and
+    the RSS peak of a step depends on what the process ran before (up to 18 %
+    apart between identical runs here). Pinned, the RSS follows the live
+    tensors. False where ``mallopt`` is unavailable (not glibc).
+    """
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}: CPU peak memory needs Linux")
+
+
+def _reset_rss_peak() -> float:
+    """Return freed heap to the OS, reset VmHWM to the current RSS; the RSS (MiB)."""
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)  # glibc: freed pages kept by malloc would hide new allocations
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise RuntimeError(f"cannot reset the RSS high-water mark (/proc/self/clear_refs: {err}); "
+                           f"CPU peak memory needs Linux >= 4.0 with a writable /proc") from err
+    return _proc_status_mb("VmRSS")
+
+
+def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """High-water mark of memory during ``fn()`` above the level just before it, MiB."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    base = _reset_rss_peak()
+    fn()
+    return _proc_status_mb("VmHWM") - base
+
+
+# ----------------------------------------------------------------- machine
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """(native bf16 matrix units?, a sentence saying what bf16 matmuls run on)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA sm_{major}{minor}: bf16 tensor cores {'yes' if major >= 8 else 'no'}"
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "CPU has AMX (amx_bf16): bf16 matmuls run on the AMX tile units"
+    if "avx512_bf16" in flags:
+        return False, ("CPU has no bf16 matrix units (no AMX); bf16 matmuls use AVX512-BF16 vector dot "
+                       "products (vdpbf16ps)")
+    return False, "CPU has no native bf16 arithmetic: bf16 is converted to fp32 for compute"
+
+
+def machine_description(device: torch.device) -> dict:
+    """What the numbers were measured on (plain values, for JSON)."""
+    desc = {"device": device.type, "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
+            "cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_avg_1m": os.getloadavg()[0], "bf16_note": bf16_support(device)[1]}
+    if device.type == "cuda":
+        desc["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        desc["deepspeed"] = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        desc["deepspeed"] = None
+    return desc
