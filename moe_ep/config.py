@@ -101,8 +101,8 @@ class MoEConfig:
         check_finite: raise ``moe_ep.finite.NonFiniteError`` on every rank when
             any rank's input, router logits or expert outputs hold NaN or Inf
             (one host sync per forward; moe_ep/finite.py).
-        expert_backend: ``auto`` (Triton on CUDA, torch grouped mm on CPU,
-            loop last), or force ``triton``, ``torch`` or ``loop``.
+        expert_backend: ``auto`` (Triton on CUDA, the per-expert loop on CPU),
+            or force ``triton``, ``torch`` (``torch._grouped_mm``) or ``loop``.
         recompute_experts: keep no expert pre-activations for backward and
             recompute them there (one extra grouped GEMM per layer in
             backward, ``[R, J]`` less memory held per layer).

@@ -125,14 +125,16 @@ BACKEND_CASES = {
 @pytest.mark.parametrize("other", ["loop", "triton"])
 @pytest.mark.parametrize("case", sorted(BACKEND_CASES))
 def test_expert_backends_agree_with_torch(case, other):
-    """Outputs, input gradient and every parameter gradient; Triton runs in its interpreter on CPU."""
+    """Outputs, input gradient and every parameter gradient; Triton runs in its interpreter on CPU
+    and compiled on a GPU (then both layers run there)."""
     if other == "triton":
         pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg_kw = BACKEND_CASES[case]
-    torch_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend="torch"))
-    other_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend=other))
+    torch_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend="torch")).to(device)
+    other_layer = MoELayer(MoEConfig(**cfg_kw, expert_backend=other)).to(device)
     other_layer.load_state_dict(torch_layer.state_dict())
-    x = torch.randn(4, 9, 16)
+    x = torch.randn(4, 9, 16, device=device)
     outs, grads = [], []
     for layer in (torch_layer, other_layer):
         x_leaf = x.clone().requires_grad_()
@@ -148,11 +150,11 @@ def test_expert_backends_agree_with_torch(case, other):
 
 def test_auto_backend_on_cpu():
     w = torch.randn(8, 16, 16)
-    assert resolve_backend("auto", torch.randn(5, 16), w) == "torch"                       # aligned fp32
-    assert resolve_backend("auto", torch.randn(5, 16).bfloat16(), w.bfloat16()) == "torch"
-    assert resolve_backend("auto", torch.randn(5, 12), torch.randn(8, 12, 6)) == "loop"      # 24-byte rows
-    assert resolve_backend("auto", torch.randn(5, 16).double(), w.double()) == "loop"       # no fp64 grouped mm
-    assert resolve_backend("auto", torch.randn(0, 16), w) == "loop"                         # empty
+    assert resolve_backend("auto", torch.randn(5, 16), w) == "loop"                        # CPU: the loop
+    assert resolve_backend("torch", torch.randn(5, 16), w) == "torch"                      # asked for
+    assert resolve_backend("torch", torch.randn(0, 16), w) == "loop"                       # empty
+    with pytest.raises(ValueError, match="unknown expert backend"):
+        resolve_backend("cuda", torch.randn(5, 16), w)
     layer = MoELayer(MoEConfig(**BASE)).double()  # auto falls back to the loop in float64
     y = layer(torch.randn(2, 3, 16, dtype=torch.float64))
     assert y.dtype == torch.float64
