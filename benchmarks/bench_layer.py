@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, peak_memory_mb,
                            pin_mmap_threshold)
-from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, build_moe_ep, join_device,
+from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, build_moe_ep, rank_device,
                          rank_context, rank_input)
-from moe_ep.parallel.spawn import _free_port, run_on_ranks
+from moe_ep.parallel.spawn import run_on_ranks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BOUND = "dense_bound"
@@ -60,7 +60,7 @@ def _over_ranks(values: list[float], op: str) -> list[float]:
 
 def _cases(rank: int, world: int, opts: dict, eps: list[int]):
     """(config name, spec, weights, x_TH, dtype name, context) of every case at the given EP sizes."""
-    device = join_device(rank, world, opts["device"], opts["nccl_port"])
+    device = rank_device(rank, opts["device"])
     for ep in eps:
         ctx = rank_context(rank, ep, device, torch.float32)
         for name, spec in _specs(opts):
@@ -136,9 +136,9 @@ def _profile_rank(rank: int, world: int, opts: dict) -> str:
 
 # ------------------------------------------------------------- the driver
 def _launch(fn, ep: int, opts: dict, *args):
-    opts = dict(opts, nccl_port=_free_port())
     env = {"DS_ACCELERATOR": opts["device"]}  # read when deepspeed is imported, in the rank processes
-    return run_on_ranks(fn, ep, opts, *args, timeout=opts["timeout"], env=env)
+    backend = "cpu:gloo,cuda:nccl" if opts["device"] == "cuda" else "gloo"  # gloo cannot move CUDA tensors
+    return run_on_ranks(fn, ep, opts, *args, timeout=opts["timeout"], env=env, backend=backend)
 
 
 def _finish_records(records: list[dict], peaks: dict) -> list[dict]:

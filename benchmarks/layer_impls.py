@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -65,6 +66,8 @@ CAPACITY = {
               "owner with all senders' pairs in view; ranking as DeepSpeed's (k<=2: all first choices "
               "before second choices, earlier tokens first; k>2: highest softmax probability first); gates "
               "renormalised over the K chosen experts",
+    "moe_ep_recompute": "as moe_ep, with MoEConfig.recompute_experts: the routed experts keep no pre-activations "
+                        "for backward and recompute them there (one extra grouped GEMM)",
     "deepspeed": "per-rank expert capacity ceil(cf*T*K/E) with T this rank's tokens (min_capacity=0); every "
                  "expert's buffer is padded to the capacity and exchanged whole; k=2: first choices before "
                  "second choices, earlier tokens first, second expert without Gumbel sampling; k>2: highest "
@@ -120,22 +123,9 @@ class RankContext:
     backend: str
 
 
-def join_device(rank: int, world: int, device_type: str, nccl_port: int) -> torch.device:
-    """This process's device (inside ``run_on_ranks``, which joins a gloo group).
-
-    gloo cannot move CUDA tensors: on CUDA with several ranks the default
-    group is rebuilt as ``cpu:gloo,cuda:nccl`` on ``nccl_port`` before moe_ep
-    and DeepSpeed make their groups from it.
-    """
-    if device_type != "cuda":
-        return torch.device("cpu")
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    if world > 1:
-        dist.destroy_process_group()
-        dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{nccl_port}",
-                                rank=rank, world_size=world, device_id=device)
-    return device
+def rank_device(rank: int, device_type: str) -> torch.device:
+    """This process's device inside ``run_on_ranks`` (which puts rank r on ``cuda:r`` with NCCL on GPUs)."""
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def rank_context(rank: int, ep: int, device: torch.device, dtype: torch.dtype) -> RankContext:
@@ -227,13 +217,13 @@ def _finish(module: nn.Module, inputs_cpu: tuple[torch.Tensor, ...], out_rows: t
 
 
 # ----------------------------------------------------------------- builders
-def moe_ep_config(spec: LayerSpec) -> MoEConfig:
+def moe_ep_config(spec: LayerSpec, recompute_experts: bool = False) -> MoEConfig:
     """moe_ep computing DeepSpeed's function: softmax, gates renormalised over the K chosen experts,
     expert capacity ``cf`` ranked as DeepSpeed ranks (k <= 2: ``position``; k > 2: ``affinity``)."""
     return MoEConfig(hidden_size=spec.hidden, moe_intermediate_size=spec.ffn, n_routed_experts=spec.n_experts,
                      num_experts_per_tok=spec.top_k, n_shared_experts=spec.n_shared, activation="gelu",
                      scoring_func="softmax", norm_topk_prob=True, expert_capacity_factor=spec.capacity_factor,
-                     drop_policy="position" if spec.top_k <= 2 else "affinity")
+                     drop_policy="position" if spec.top_k <= 2 else "affinity", recompute_experts=recompute_experts)
 
 
 def _moe_ep_dropped(layer: MoELayer, inputs: tuple) -> float:
@@ -243,8 +233,9 @@ def _moe_ep_dropped(layer: MoELayer, inputs: tuple) -> float:
     return float(stats.dropped_pairs) / float(stats.routed_pairs)
 
 
-def build_moe_ep(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext, x_TH: torch.Tensor) -> BuiltImpl:
-    layer = MoELayer(moe_ep_config(spec), parallel=ctx.parallel)
+def build_moe_ep(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext, x_TH: torch.Tensor,
+                 recompute_experts: bool = False) -> BuiltImpl:
+    layer = MoELayer(moe_ep_config(spec, recompute_experts), parallel=ctx.parallel)
     first, last = ctx.parallel.expert_range(spec.n_experts)
     state = layer.state_dict()
     state.update({"router.weight": weights.router_EH, "experts.w_in": weights.w_in_EHI[first:last],
@@ -304,6 +295,7 @@ def build_dense_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankConte
 
 IMPLS: dict[str, Callable[[LayerSpec, ReferenceWeights, RankContext, torch.Tensor], BuiltImpl]] = {
     "moe_ep": build_moe_ep,
+    "moe_ep_recompute": partial(build_moe_ep, recompute_experts=True),
     "deepspeed": build_deepspeed,
     "textbook": build_textbook,
     "dense_bound": build_dense_bound,

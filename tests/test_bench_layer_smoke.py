@@ -13,7 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("deepspeed", reason="the layer benchmark compares against DeepSpeed's MoE")
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-IMPLS = ("moe_ep", "deepspeed", "textbook", "dense_bound")
+IMPLS = ("moe_ep", "moe_ep_recompute", "deepspeed", "textbook", "dense_bound")
 # DeepSpeed on CPU JIT-builds a shared-memory op into TORCH_EXTENSIONS_DIR when it initialises. The default,
 # ~/.cache/torch_extensions, is shared by every venv of the machine, and a venv at another path rebuilds it
 # (minutes under load); one folder per venv builds it once.

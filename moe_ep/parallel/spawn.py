@@ -1,8 +1,9 @@
-"""Run a function on N local processes in one gloo group, with a hard timeout.
+"""Run a function on N local processes in one process group, with a hard timeout.
 
 Used by the test suite and the benchmarks to run expert parallelism on one
-CPU machine without torchrun. ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that
-join one gloo group (TCP store on a free loopback port), calls
+machine without torchrun. ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that
+join one group (gloo by default; ``backend="cpu:gloo,cuda:nccl"`` on GPUs, each rank on
+``cuda:<rank>``; TCP store on a free loopback port), calls
 ``fn(rank, world_size, *args)`` in each, and returns the per-rank results.
 A rank that raises or dies raises ``AssertionError`` with its traceback; a
 hang is killed after ``timeout`` seconds and raises too.
@@ -26,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, env, args, results):
+def _entry(fn, rank, world_size, port, env, backend, args, results):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -35,7 +36,9 @@ def _entry(fn, rank, world_size, port, env, args, results):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if "nccl" in backend:
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         results.put((rank, "ok", fn(rank, world_size, *args)))
     except BaseException:  # report every failure to the parent, then exit
         results.put((rank, "error", traceback.format_exc()))
@@ -44,7 +47,8 @@ def _entry(fn, rank, world_size, port, env, args, results):
             dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout: float = 180.0, env: dict | None = None) -> list:
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 180.0, env: dict | None = None,
+                 backend: str = "gloo") -> list:
     """Results of ``fn(rank, world_size, *args)`` on each rank, in rank order.
 
     Results must be plain Python objects: a tensor's shared memory does not
@@ -52,7 +56,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 180.0, env: dict |
     """
     results_queue = _CTX.Queue()
     port = _free_port()
-    procs = [_CTX.Process(target=_entry, args=(fn, r, world_size, port, env or {}, args, results_queue),
+    procs = [_CTX.Process(target=_entry, args=(fn, r, world_size, port, env or {}, backend, args, results_queue),
                           daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
