@@ -46,8 +46,8 @@ from moe_ep.activation_checkpointing import enable_activation_checkpointing  # n
 from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, deepspeed_precision,  # noqa: E402
                                            grad_clip_plan, moe_layers, optimizer_param_groups, train_step,
                                            undo_initial_optimizer_step, wrap_moe_layers)
-from moe_ep.models import MODEL_PRESETS  # noqa: E402
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
+from moe_ep.training.cli import add_model_arguments, add_run_arguments, add_schedule_arguments  # noqa: E402
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
 from moe_ep.training.model_source import build_model, default_seq_len, save_hf  # noqa: E402
 from moe_ep.training.optim import lr_at  # noqa: E402
@@ -59,36 +59,15 @@ CKPT_DIR = "ds_ckpt"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (default tiny)")
-    p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an MoEConfig field of the preset, e.g. --moe n_group=2 (repeatable)")
-    p.add_argument("--hf-model", default=None, metavar="DIR",
-                   help="train this transformers DeepSeek V2/V3 causal LM folder instead of a preset "
-                        "(--moe then sets moe_ep-only fields; docs/interop.md)")
-    p.add_argument("--save-hf", default=None, metavar="DIR",
-                   help="with --hf-model: write the trained model as a transformers folder at the end")
-    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
-    p.add_argument("--nodes", type=int, default=None, help="nodes one EP group spans (default: from the launcher)")
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps in total")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max)")
-    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio, help="final lr / peak lr")
-    p.add_argument("--warmup", type=int, default=_DEFAULTS.warmup_steps, help="linear warmup steps")
-    p.add_argument("--log-every", type=int, default=_DEFAULTS.log_every, help="steps between metrics records")
-    p.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
-    p.add_argument("--val-batches", type=int, default=_DEFAULTS.val_batches, help="validation batches per rank")
-    p.add_argument("--ckpt-every", type=int, default=_DEFAULTS.ckpt_every,
-                   help="steps between DeepSpeed checkpoints (OUT/ds_ckpt); 0: none (default)")
+    add_model_arguments(p)
+    add_schedule_arguments(p)
+    add_run_arguments(p, out_default="runs/ds-train",
+                      ckpt_help="steps between DeepSpeed checkpoints (OUT/ds_ckpt); 0: none (default)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ds_ckpt")
     p.add_argument("--init-from", default=None, metavar="CKPT_DIR",
                    help="continue from a moe_ep checkpoint (launch/train.py's, any layout): weights, V3 bias, step "
                         "and data position; AdamW moments too when DeepSpeed runs torch's AdamW on the model's "
                         "parameters (ZeRO stage 0), else they restart from zero")
-    p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
-    p.add_argument("--max-data-bytes", type=int, default=8 << 20, help="cap on the training split size")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and data order")
-    p.add_argument("--out", default="runs/ds-train", help="output folder (metrics, plots, checkpoints)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="keep only each transformer block's input and recompute the block in backward")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:

@@ -22,25 +22,14 @@ import torch.distributed as dist
 
 import moe_ep
 from moe_ep.data import BatchSampler
-from moe_ep.models import MODEL_PRESETS
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
-from moe_ep.training.cli import add_loop_arguments, loop_config
+from moe_ep.training.cli import add_loop_arguments, add_model_arguments, loop_config
 from moe_ep.training.model_source import build_model, default_seq_len, save_hf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (default tiny)")
-    p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an MoEConfig field of the preset, e.g. --moe n_group=2 (repeatable)")
-    p.add_argument("--hf-model", default=None, metavar="DIR",
-                   help="train this transformers DeepSeek V2/V3 causal LM folder instead of a preset "
-                        "(--moe then sets moe_ep-only fields; docs/interop.md)")
-    p.add_argument("--save-hf", default=None, metavar="DIR",
-                   help="with --hf-model: write the trained model as a transformers folder at the end")
-    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
-    p.add_argument("--nodes", type=int, default=None,
-                   help="nodes one EP group spans (default: from LOCAL_WORLD_SIZE); set it to emulate nodes")
+    add_model_arguments(p)
     add_loop_arguments(p, out_default=TrainConfig().out_dir)
     p.add_argument("--resume", nargs="?", const="latest", default="auto", metavar="auto|latest|none|CKPT_DIR",
                    help="auto (default): continue from OUT/ckpt's latest complete checkpoint if there is one, "

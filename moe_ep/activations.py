@@ -20,15 +20,18 @@ def activate(h_RJ: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def activation_grad(h_RJ: torch.Tensor, da_RI: torch.Tensor, activation: str) -> torch.Tensor:
-    """``dL/dh`` from ``dL/da`` for ``a = act(h)``, computed in fp32, returned in ``h``'s dtype.
+    """``dL/dh`` from ``dL/da`` for ``a = act(h)``, in ``h``'s dtype, as autograd computes it.
 
-    SwiGLU: ``dg = da * u * s * (1 + g (1 - s))`` with ``s = sigmoid(g)``, ``du = da * silu(g)``.
+    SwiGLU: ``dg = silu'(g) * (da * u)``, ``du = da * silu(g)``; GELU:
+    ``gelu'(h) * da``. ``silu_backward`` and ``gelu_backward`` evaluate the
+    derivative in fp32 inside the kernel for bf16 and fp16 inputs, so no
+    fp32 copy of the ``[R, J]`` rows is made.
     """
-    h32, da32 = h_RJ.float(), da_RI.float()
     if activation == "swiglu":
-        gate, up = h32.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        d_gate = da32 * up * sig * (1 + gate * (1 - sig))
-        d_up = da32 * gate * sig
-        return torch.cat([d_gate, d_up], dim=-1).to(h_RJ.dtype)
-    return torch.ops.aten.gelu_backward(da32, h32).to(h_RJ.dtype)
+        gate, up = h_RJ.chunk(2, dim=-1)
+        dh_RJ = torch.empty_like(h_RJ)
+        d_gate, d_up = dh_RJ.chunk(2, dim=-1)
+        d_gate.copy_(torch.ops.aten.silu_backward(da_RI * up, gate))
+        torch.mul(da_RI, F.silu(gate), out=d_up)
+        return dh_RJ
+    return torch.ops.aten.gelu_backward(da_RI, h_RJ)

@@ -87,7 +87,8 @@ class _GatherThenUp:
            activation: str, scale_R: torch.Tensor, keep_pre: bool,
            workspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         h_RJ = self.pre(x_SH, row_R, counts_E, w_in, workspace)
-        a_RI = activate(h_RJ, activation).mul_(scale_R[:, None])
+        # the scale in the rows' dtype: a mixed-dtype in-place multiply takes a slow casting path on CPU
+        a_RI = activate(h_RJ, activation).mul_(scale_R.to(h_RJ.dtype)[:, None])
         return a_RI, (h_RJ if keep_pre else None)
 
 

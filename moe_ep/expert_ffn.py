@@ -24,10 +24,12 @@ experts' activation checkpointing). Backward, with ``dY_R = dY_S[row]``:
     dW_in[e]  = x_e^T dh_e                  dx_S = index_add over row of dh W_in^T
 
 Precision: the function computes in the dtypes it receives (x and the
-weights in one dtype, the gate weights in any float dtype), forward and
-backward, with autocast off whatever the caller's state: ``MoELayer``
-chooses the compute dtype and casts x once before dispatch,
-``RoutedExperts`` casts the weights to x's dtype.
+weights in one dtype; the gate weights in any float dtype, cast to x's to
+scale the activation, their gradient computed in x's dtype, as autograd
+would for ``act(h) * weight.to(x.dtype)``), forward and backward, with
+autocast off whatever the caller's state: ``MoELayer`` chooses the compute
+dtype and casts x once before dispatch, ``RoutedExperts`` casts the weights
+to x's dtype.
 
 The grouped products come from the backend (``moe_ep.expert_backend``):
 Triton fuses the gather, the activation and the gate weight into the first
@@ -74,12 +76,12 @@ class _ExpertFFN(torch.autograd.Function):
         rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered dY, x, then dx rows
         if h_RJ is None:  # recompute: the routed experts' activation checkpointing
             h_RJ = ops.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
-        scale_R1 = weight_R[:, None]
+        scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
 
         dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
         da_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)  # dL/d(weight * act)
         act_RI = activate(h_RJ, activation)
-        d_weight = (da_RI.float() * act_RI.float()).sum(dim=1).to(weight_R.dtype) if need_weight else None
+        d_weight = (da_RI * act_RI).sum(dim=1).to(weight_R.dtype) if need_weight else None
         d_w_out = ops.wgrad(act_RI.mul_(scale_R1), dy_RH, counts_E) if need_w_out else None
         del act_RI, dy_RH
         dh_RJ = activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)

@@ -76,6 +76,29 @@ def test_forward_and_gradients_match_the_formula(backend, activation, recompute)
     assert torch.count_nonzero(got[3][1]) == 0 and torch.count_nonzero(got[4][1]) == 0  # expert 1 had no rows
 
 
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_bf16_rows_with_fp32_gates_match_the_formula(backend, activation):
+    """bf16 rows and weights, fp32 gate weights (as ``MoELayer`` hands them under autocast): every output and
+    gradient within bf16 rounding of the float64 formula, each gradient in its input's dtype."""
+    x, row, counts, weight, w_in, w_out = _operands(activation, seed=1)
+    dy = torch.randn(S, H)
+
+    def ours(x, weight, w_in, w_out):
+        return expert_ffn(x, row, counts, weight, w_in, w_out, activation, backend)
+
+    def reference(x, weight, w_in, w_out):
+        return _reference(x, row, COUNTS, weight, w_in, w_out, activation)
+
+    bf16 = [t.bfloat16() for t in (x, w_in, w_out)]
+    got = _grads(ours, (bf16[0], weight, bf16[1], bf16[2]), dy.bfloat16())
+    want = _grads(reference, [t.double() for t in (bf16[0], weight, bf16[1], bf16[2])], dy.bfloat16().double())
+    for name, g, w, dtype in zip(("y", "x", "weight", "w_in", "w_out"), got, want,
+                                 (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.double(), w, rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=name)
+
+
 def test_gradcheck_in_float64():
     """The hand-written backward against finite differences (loop backend: float64)."""
     small = _operands("swiglu", hidden=4, inter=3, sources=4, counts=[2, 0, 3])
