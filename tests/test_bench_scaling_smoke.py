@@ -1,19 +1,11 @@
 """benchmarks/bench_scaling.py: a tiny weak-scaling run completes and its traffic and phase records hold."""
 import json
-import pathlib
 
 import pytest
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(autouse=True)
-def _bench_modules_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))  # spawned ranks inherit sys.path
-
 
 @pytest.mark.timeout(120)
-def test_bench_scaling_tiny_run(tmp_path):
+def test_bench_scaling_tiny_run(tmp_path, bench_modules):
     import bench_scaling
 
     out = tmp_path / "scaling.json"
