@@ -142,13 +142,13 @@ def plot_projection(records: list[dict], out_dir: str, suffix: str = "") -> path
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for routing in ROUTINGS:
+    for routing, color in zip(ROUTINGS, ("tab:blue", "tab:orange", "tab:green")):
         for dispatch, style in zip(DISPATCHES, ("-", "--")):
             pts = sorted((r["gpus"], r["step_ms"], 100 * r["comm_share"]) for r in records
                          if r["routing"] == routing and r["dispatch"] == dispatch)
             label = f"{routing}, {dispatch}"
-            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
-            ax_c.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=label)
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o", label=label)
+            ax_c.plot([p[0] for p in pts], [p[2] for p in pts], style, color=color, marker="o", label=label)
     for ax, label in ((ax_t, "step time, fwd+bwd (ms)"), (ax_c, "communication share of the step (%)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("GPUs (8 per node)")
