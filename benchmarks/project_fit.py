@@ -91,7 +91,7 @@ def fit_cpu(records: list[dict], iters: int = 5) -> dict[int, dict]:
         rows_e = sorted({rows_per_expert(r) for r in records if P == 1 or r["procs"] == P})
         ranks = run_on_ranks(_micro_rank, P, r0["hidden"], r0["ffn"], r0["n_experts"], rows_e, iters, timeout=900)
         rate = {rows: statistics.median(r["gemm_flops"][rows] for r in ranks) for rows in rows_e}
-        alpha, bw = fit_line([pt for r in ranks for pt in r["points"]]) if P > 1 else (0.0, float("inf"))
+        alpha, bw = fit_line([pt for r in ranks for pt in r["points"]]) if P > 1 else (0.0, None)  # no all-to-all
         params[P] = dict(alpha=alpha, bw=bw, rate=rate)
     return params
 
@@ -124,8 +124,8 @@ def validate(bench: dict, plot_dir: str | None = None) -> dict:
     params = fit_cpu(records)
     for P, f in params.items():
         rates = ", ".join(f"{rows} rows {rate / 1e9:.1f}" for rows, rate in f["rate"].items())
-        print(f"  P={P}: alpha {f['alpha'] * 1e6:7.0f} us, bandwidth {f['bw'] / 1e9:6.2f} GB/s; "
-              f"GEMM GFLOP/s per process at rows/expert: {rates}")
+        a2a = f"alpha {f['alpha'] * 1e6:5.0f} us, bandwidth {f['bw'] / 1e9:5.2f} GB/s" if f["bw"] else "no all-to-all"
+        print(f"  P={P}: {a2a}; GEMM GFLOP/s per process at rows/expert: {rates}")
     base = {}
     for r in records:
         if r["procs"] == 1 and r["mode"] == "weak":
