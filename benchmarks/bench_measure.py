@@ -7,6 +7,7 @@
   time this process spent in it (all its threads, user + system; on CUDA the
   host's share only): on an oversubscribed CPU machine the wall time mostly
   measures the other jobs, the CPU time much less so.
+* ``over_ranks``: element-wise max or mean of per-rank values over the ranks.
 * ``phase_shares``: under ``torch.profiler``, the share of a step's wall
   time spent in all-to-all collectives (their issue and wait ops) and in
   labelled expert ranges, as unions of the ops' time intervals.
@@ -80,6 +81,15 @@ def interleaved_samples(steps: dict[Hashable, Callable[[], None]], iters: int, w
         for key, fn in steps.items():
             samples[key].append(timed(fn, device))
     return samples
+
+
+def over_ranks(values: list[float], op: str) -> list[float]:
+    """Element-wise ``max`` or ``mean`` of ``values`` over the ranks (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (t if op == "max" else t / dist.get_world_size()).tolist()
 
 
 # ------------------------------------------------------------------ phases

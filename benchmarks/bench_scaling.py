@@ -38,15 +38,14 @@ import statistics
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from bench_layer import _over_ranks
-from bench_measure import forward_backward, interleaved_samples, machine_description, phase_shares
+from bench_measure import forward_backward, interleaved_samples, machine_description, over_ranks, phase_shares
 from layer_impls import CONFIGS, ReferenceWeights, build_deepspeed, build_moe_ep, rank_context, rank_input
 from moe_ep.parallel.spawn import run_on_ranks
 
 NODES = 2  # emulated nodes of every even process count
 EXPERT_LABELS = ("moe_ep.experts", "deepspeed.experts")
+IMPLS = ("moe_ep", "moe_ep_2hop", "moe_ep_dev_M1", "moe_ep_node_M1", "deepspeed")
 
 
 def _variant_fields(P: int) -> dict[str, dict]:
@@ -93,7 +92,7 @@ def _traffic_per_token(impl: str, built, spec, P: int, ranks_per_node: int) -> d
             return dict(rows_per_token=float(spec.top_k), remote_rows_per_token=0.0, internode_rows_per_token=0.0,
                         remote_bytes_per_token=0.0)
         keys = ("rows_sent", "intranode_rows_sent", "internode_rows_sent")
-        sent, intra, inter = _over_ranks([float(traffic[k]) for k in keys], "mean")
+        sent, intra, inter = over_ranks([float(traffic[k]) for k in keys], "mean")
         per_token, remote, internode = sent / spec.tokens, (intra + inter) / spec.tokens, inter / spec.tokens
     return dict(rows_per_token=per_token, remote_rows_per_token=remote, internode_rows_per_token=internode,
                 remote_bytes_per_token=remote * row_bytes)
@@ -118,7 +117,7 @@ def _scaling_rank(rank: int, world: int, opts: dict, mode: str) -> dict:
     records = []
     for name, b in built.items():
         shares = phase_shares(partial(forward_backward, b), opts["profile_iters"], EXPERT_LABELS, ctx.device)
-        shares = dict(zip(shares, _over_ranks(list(shares.values()), "mean")))
+        shares = dict(zip(shares, over_ranks(list(shares.values()), "mean")))
         wall_s, cpu_s = zip(*samples[name])
         fields = _variant_fields(world).get(name, {})
         records.append(dict(
@@ -126,7 +125,8 @@ def _scaling_rank(rank: int, world: int, opts: dict, mode: str) -> dict:
             **dataclasses.asdict(spec), routing=fields.get("topk_method", "greedy"),
             M=fields.get("topk_group"), dispatcher=fields.get("dispatcher", "deepspeed" if name == "deepspeed"
                                                                    else "flat"),
-            step_samples_ms=[s * 1e3 for s in wall_s], step_cpu_samples_ms=_over_ranks([s * 1e3 for s in cpu_s], "max"),
+            step_samples_ms=[s * 1e3 for s in wall_s],
+            step_cpu_samples_ms=over_ranks([s * 1e3 for s in cpu_s], "max"),
             share_comm=shares["comm"], share_experts=shares["experts"], share_rest=shares["rest"],
             load_avg_1m=load, **_traffic_per_token(name, b, spec, world, world // nodes)))
     del built
@@ -205,9 +205,6 @@ def plot(records: list[dict], out_dir: str) -> list[pathlib.Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-IMPLS = ("moe_ep", "moe_ep_2hop", "moe_ep_dev_M1", "moe_ep_node_M1", "deepspeed")
 
 
 def parse_args(argv=None) -> dict:

@@ -95,7 +95,8 @@ def compute_times(stats: dict, shape: Shape, hw: dict, gemm_eff: float) -> dict:
     experts = max(flops / rate, weight_bytes / hw["hbm_bw"])
     shared = 3 * 2 * T * H * 3 * I * shape.shared / rate
     rest = 3 * 2 * T * H * shape.experts / rate + 10 * T * K * H * 2 / hw["hbm_bw"]
-    return dict(experts=experts, shared=shared, rest=rest, experts_compute_bound=flops / rate >= weight_bytes / hw["hbm_bw"])
+    return dict(experts=experts, shared=shared, rest=rest,
+                experts_compute_bound=flops / rate >= weight_bytes / hw["hbm_bw"])
 
 
 def project(stats_records: list[dict], shape: Shape, hw: dict, gemm_eff: float, balanced: bool) -> list[dict]:
@@ -136,7 +137,7 @@ def print_projection(records: list[dict], shape: Shape, hw_src: dict, gemm_eff: 
 
 
 def plot_projection(records: list[dict], out_dir: str, suffix: str = "") -> pathlib.Path:
-    """``projection_v3{suffix}.png``: step time and communication share against GPUs, one line per routing x dispatch."""
+    """``projection_v3{suffix}.png``: step time and communication share against GPUs, a line per routing x dispatch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,8 +18,9 @@ The same model as ``project.py`` then predicts each run (``step`` =
               (n_a2a: moe_ep flat 10 = counts, rows, routing rows, combine forward + 3 backward + 3 of the
               owners' capacity decision; two-hop 17; DeepSpeed 4; remote bytes as bench_scaling measured them)
     experts = 3 * 2 * 2 * T K H I / rate_P(rows_e)  (GELU FFN: two products; DeepSpeed: its padded buffers)
-    rest    = c_impl * T * rate_P1 / rate_P         (rate_P1: 1 process, same rows_e;          (c_impl: per-token time of everything else, the ONE
-              quantity calibrated on a scaling run: the 1-process weak run of the same implementation)
+    rest    = c_impl * T * rate_P1 / rate_P         (rate_P1: 1 process, same rows_e; c_impl: per-token time
+              of everything else, the ONE quantity calibrated on a scaling run: the 1-process weak run
+              of the same implementation, minus its predicted experts)
 """
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def predict(record: dict, params: dict[int, dict], rest_per_token: dict[str, flo
     """Predicted comm / experts / rest / step seconds of one bench_scaling record (module docstring)."""
     P, T = record["procs"], record["tokens_per_rank"]
     fit, rows_e = params[P], rows_per_expert(record)
-    comm = 0.0 if P == 1 else A2A_CALLS[record["impl"]] * fit["alpha"] + 4 * T * record["remote_bytes_per_token"] / fit["bw"]
+    comm = 0.0
+    if P > 1:
+        comm = A2A_CALLS[record["impl"]] * fit["alpha"] + 4 * T * record["remote_bytes_per_token"] / fit["bw"]
     experts = 3 * 2 * 2 * T * record["top_k"] * record["hidden"] * record["ffn"] / fit["rate"][rows_e]
     rest = rest_per_token[_family(record["impl"])] * T * _rate_at(params[1]["rate"], rows_e) / fit["rate"][rows_e]
     return dict(comm=comm, experts=experts, rest=rest, step=comm + experts + rest)
@@ -153,7 +156,8 @@ def validate(bench: dict, plot_dir: str | None = None) -> dict:
           f"max {100 * max(checked):.0f}%; within 25%: {sum(e <= 0.25 for e in checked)} of {len(checked)}")
     if plot_dir:
         print(f"wrote {_plot(rows, plot_dir)}")
-    return dict(params={str(P): dict(f, rate={str(k): v for k, v in f["rate"].items()}) for P, f in params.items()}, rest_per_token_s=base, runs=rows)
+    params_json = {str(P): dict(f, rate={str(k): v for k, v in f["rate"].items()}) for P, f in params.items()}
+    return dict(params=params_json, rest_per_token_s=base, runs=rows)
 
 
 def _plot(rows: list[dict], out_dir: str):

@@ -1,4 +1,4 @@
-"""benchmarks/router_stats.py, project.py, project_fit.py: the statistics and the model's formulas on hand-made cases."""
+"""benchmarks/router_stats.py, project.py, project_fit.py: statistics and model formulas on hand-made cases."""
 import pytest
 import torch
 
