@@ -31,10 +31,9 @@ import sys
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, peak_memory_mb,
-                           pin_mmap_threshold)
+from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, over_ranks,
+                           peak_memory_mb, pin_mmap_threshold)
 from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, build_moe_ep, rank_device,
                          rank_context, rank_input)
 from moe_ep.parallel.spawn import run_on_ranks
@@ -47,15 +46,6 @@ def _specs(opts: dict) -> list[tuple[str, LayerSpec]]:
     """(name, LayerSpec) of the selected configurations with the size overrides applied."""
     overrides = {k: opts[k] for k in ("tokens", "hidden", "ffn") if opts[k] is not None}
     return [(name, CONFIGS[name].replace(**overrides)) for name in opts["configs"]]
-
-
-def _over_ranks(values: list[float], op: str) -> list[float]:
-    """Element-wise ``max`` or ``mean`` of ``values`` over the ranks (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return (t if op == "max" else t / dist.get_world_size()).tolist()
 
 
 def _cases(rank: int, world: int, opts: dict, eps: list[int]):
@@ -88,11 +78,11 @@ def _timing_rank(rank: int, world: int, opts: dict) -> dict:
             dropped = built.dropped_fraction()
             record = dict(impl=impl, config=name, label=spec.label, ep=world, dtype=dtype_name,
                           **dataclasses.asdict(spec), load_avg_1m=load, capacity=CAPACITY[impl],
-                          dropped_frac=None if dropped is None else _over_ranks([dropped], "mean")[0])
+                          dropped_frac=None if dropped is None else over_ranks([dropped], "mean")[0])
             for step in ("fwd", "step"):
                 wall_s, cpu_s = zip(*samples[impl, step])
                 record[f"{step}_samples_ms"] = [s * 1e3 for s in wall_s]
-                record[f"{step}_cpu_samples_ms"] = _over_ranks([s * 1e3 for s in cpu_s], "max")
+                record[f"{step}_cpu_samples_ms"] = over_ranks([s * 1e3 for s in cpu_s], "max")
             records.append(record)
         del impls, steps
         gc.collect()
@@ -109,7 +99,7 @@ def _memory_rank(rank: int, world: int, opts: dict, impl: str) -> list[dict]:
         forward_backward(built)  # warm-up: one-time allocations stay out of the measured step
         peak = peak_memory_mb(partial(forward_backward, built), ctx.device)
         out.append(dict(impl=impl, config=name, ep=ctx.ep, dtype=dtype_name,
-                        peak_mem_mb=_over_ranks([peak], "max")[0]))
+                        peak_mem_mb=over_ranks([peak], "max")[0]))
         del built
         gc.collect()
     return out

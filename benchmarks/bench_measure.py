@@ -7,6 +7,10 @@
   time this process spent in it (all its threads, user + system; on CUDA the
   host's share only): on an oversubscribed CPU machine the wall time mostly
   measures the other jobs, the CPU time much less so.
+* ``over_ranks``: element-wise max or mean of per-rank values over the ranks.
+* ``phase_shares``: under ``torch.profiler``, the share of a step's wall
+  time spent in all-to-all collectives (their issue and wait ops) and in
+  labelled expert ranges, as unions of the ops' time intervals.
 * ``peak_memory_mb``: memory high-water mark of one call above the level
   before it: on CPU the process RSS (``VmHWM`` after resetting it through
   ``/proc/self/clear_refs``, freed heap returned to the OS first with
@@ -77,6 +81,58 @@ def interleaved_samples(steps: dict[Hashable, Callable[[], None]], iters: int, w
         for key, fn in steps.items():
             samples[key].append(timed(fn, device))
     return samples
+
+
+def over_ranks(values: list[float], op: str) -> list[float]:
+    """Element-wise ``max`` or ``mean`` of ``values`` over the ranks (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (t if op == "max" else t / dist.get_world_size()).tolist()
+
+
+# ------------------------------------------------------------------ phases
+COMM_OPS = ("all_to_all", "alltoall", "wait_tensor")  # op names of the all-to-alls (issue, wait), any backend
+
+
+def _union_us(ranges: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(ranges):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def phase_shares(fn: Callable[[], None], iters: int, expert_labels: tuple[str, ...],
+                 device: torch.device) -> dict[str, float]:
+    """Shares of ``iters`` profiled calls' wall time (this rank, from its start to its own end):
+
+        comm    = |union of the all-to-all ops' intervals| / wall   (``COMM_OPS``; waiting for a slower
+                  rank inside an all-to-all counts here)
+        experts = |union of ranges whose name starts with one of ``expert_labels``| / wall
+        rest    = 1 - comm - experts
+
+    Ranks start together (barrier before each call, outside the measured time).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    wall = 0.0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall += time.perf_counter() - start
+    events = prof.events()
+    span = lambda e: (e.time_range.start, e.time_range.end)  # noqa: E731
+    comm = _union_us([span(e) for e in events if any(op in e.name for op in COMM_OPS)]) * 1e-6
+    experts = _union_us([span(e) for e in events if e.name.startswith(expert_labels)]) * 1e-6
+    return {"comm": comm / wall, "experts": experts / wall, "rest": 1.0 - (comm + experts) / wall}
 
 
 # ------------------------------------------------------------------ memory

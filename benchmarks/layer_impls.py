@@ -128,13 +128,15 @@ def rank_device(rank: int, device_type: str) -> torch.device:
     return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def rank_context(rank: int, ep: int, device: torch.device, dtype: torch.dtype) -> RankContext:
-    """Expert parallelism of size ``ep`` on the default group (collective when ``ep > 1``).
+def rank_context(rank: int, ep: int, device: torch.device, dtype: torch.dtype,
+                 nodes: Optional[int] = None) -> RankContext:
+    """Expert parallelism of size ``ep`` on the default group (collective when ``ep > 1``),
+    spanning ``nodes`` emulated nodes (``init_expert_parallel``'s default when None).
 
     At ep 1 every process runs a single-process layer of its own, whatever
     the world size.
     """
-    parallel = init_expert_parallel(ep_size=ep) if ep > 1 else ParallelState()
+    parallel = init_expert_parallel(ep_size=ep, nodes=nodes) if ep > 1 else ParallelState()
     return RankContext(rank, ep, device, dtype, parallel, "nccl" if device.type == "cuda" else "gloo")
 
 
@@ -217,13 +219,15 @@ def _finish(module: nn.Module, inputs_cpu: tuple[torch.Tensor, ...], out_rows: t
 
 
 # ----------------------------------------------------------------- builders
-def moe_ep_config(spec: LayerSpec, recompute_experts: bool = False) -> MoEConfig:
+def moe_ep_config(spec: LayerSpec, recompute_experts: bool = False, **fields) -> MoEConfig:
     """moe_ep computing DeepSpeed's function: softmax, gates renormalised over the K chosen experts,
-    expert capacity ``cf`` ranked as DeepSpeed ranks (k <= 2: ``position``; k > 2: ``affinity``)."""
+    expert capacity ``cf`` ranked as DeepSpeed ranks (k <= 2: ``position``; k > 2: ``affinity``).
+    ``fields``: further ``MoEConfig`` fields (routing method, groups, dispatcher)."""
     return MoEConfig(hidden_size=spec.hidden, moe_intermediate_size=spec.ffn, n_routed_experts=spec.n_experts,
                      num_experts_per_tok=spec.top_k, n_shared_experts=spec.n_shared, activation="gelu",
                      scoring_func="softmax", norm_topk_prob=True, expert_capacity_factor=spec.capacity_factor,
-                     drop_policy="position" if spec.top_k <= 2 else "affinity", recompute_experts=recompute_experts)
+                     drop_policy="position" if spec.top_k <= 2 else "affinity", recompute_experts=recompute_experts,
+                     **fields)
 
 
 def _moe_ep_dropped(layer: MoELayer, inputs: tuple) -> float:
@@ -234,8 +238,8 @@ def _moe_ep_dropped(layer: MoELayer, inputs: tuple) -> float:
 
 
 def build_moe_ep(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext, x_TH: torch.Tensor,
-                 recompute_experts: bool = False) -> BuiltImpl:
-    layer = MoELayer(moe_ep_config(spec, recompute_experts), parallel=ctx.parallel)
+                 recompute_experts: bool = False, **fields) -> BuiltImpl:
+    layer = MoELayer(moe_ep_config(spec, recompute_experts, **fields), parallel=ctx.parallel)
     first, last = ctx.parallel.expert_range(spec.n_experts)
     state = layer.state_dict()
     state.update({"router.weight": weights.router_EH, "experts.w_in": weights.w_in_EHI[first:last],

@@ -42,16 +42,24 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
 
 from .activations import ACTIVATIONS, activate, activation_grad
 from .expert_backend import grouped_ops
 from .precision import autocast_off
+
+EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
 
 
 class _ExpertFFN(torch.autograd.Function):
     # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
     @staticmethod
     def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
+        with record_function(EXPERTS_LABEL):
+            return _ExpertFFN._forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
+
+    @staticmethod
+    def _forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
         rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered rows, then the outputs
         a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=not recompute,
                             workspace=rows_RH)
@@ -65,7 +73,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_SH):
-        with autocast_off(dy_SH.device.type):
+        with autocast_off(dy_SH.device.type), record_function(EXPERTS_LABEL + ".backward"):
             return _ExpertFFN._backward(ctx, dy_SH)
 
     @staticmethod

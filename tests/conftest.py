@@ -6,6 +6,7 @@ only on first launch, so setting it here (at collection) is early enough. It is
 never overridden when set explicitly, and spawned workers inherit it.
 """
 import os
+import pathlib
 
 import pytest
 import torch
@@ -18,3 +19,9 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """benchmarks/ on sys.path for this test (spawned ranks inherit it): import its scripts as modules."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -21,9 +21,7 @@ DS_ENV = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
     "TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))}
 
 
-@pytest.fixture(autouse=True)
-def _bench_modules_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))  # spawned ranks inherit sys.path
+pytestmark = pytest.mark.usefixtures("bench_modules")  # conftest: benchmarks/ importable, in spawned ranks too
 
 
 def _per_token_reference(moe, x_TH: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch.profiler import record_function
 
 from ..dropping import DropRule, PairKeys
 from .local import apply_experts
@@ -127,14 +128,19 @@ class Hop:
 
     def dispatch(self, x_SH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Issue the rows ``x_SH[src_R]`` and their routing rows; returns what arrives (rows, routing rows)."""
+        with record_function("moe_ep.dispatch"):
+            return self._dispatch(x_SH)
+
+    def _dispatch(self, x_SH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_recv = all_to_all_single_autograd(x_SH[self.plan.src_R], self.recv, self.send, self.group)
         route_recv = all_to_all_single_autograd(self.plan.route_RK2, self.recv, self.send, self.group)
         return x_recv, route_recv
 
     def combine(self, y_recv: torch.Tensor, n_src: int) -> torch.Tensor:
         """Send the received rows' results back and sum them per source row: ``[n_src, H]``."""
-        y_back = all_to_all_single_autograd(y_recv, self.send, self.recv, self.group)
-        return y_back.new_zeros(n_src, y_back.shape[1]).index_add_(0, self.plan.src_R, y_back)
+        with record_function("moe_ep.combine"):
+            y_back = all_to_all_single_autograd(y_recv, self.send, self.recv, self.group)
+            return y_back.new_zeros(n_src, y_back.shape[1]).index_add_(0, self.plan.src_R, y_back)
 
 
 def run_received(x_recv: torch.Tensor, route_recv: torch.Tensor, K: int, experts) -> tuple[torch.Tensor, int]:
