@@ -25,7 +25,8 @@ def activation_grad(h_RJ: torch.Tensor, da_RI: torch.Tensor, activation: str) ->
     SwiGLU: ``dg = silu'(g) * (da * u)``, ``du = da * silu(g)``; GELU:
     ``gelu'(h) * da``. ``silu_backward`` and ``gelu_backward`` evaluate the
     derivative in fp32 inside the kernel for bf16 and fp16 inputs, so no
-    fp32 copy of the ``[R, J]`` rows is made.
+    fp32 copy of the ``[R, J]`` rows is made. GELU writes the result over
+    ``da_RI`` (J = I): the caller must not read ``da_RI`` afterwards.
     """
     if activation == "swiglu":
         gate, up = h_RJ.chunk(2, dim=-1)
@@ -34,4 +35,4 @@ def activation_grad(h_RJ: torch.Tensor, da_RI: torch.Tensor, activation: str) ->
         d_gate.copy_(torch.ops.aten.silu_backward(da_RI * up, gate))
         torch.mul(da_RI, F.silu(gate), out=d_up)
         return dh_RJ
-    return torch.ops.aten.gelu_backward(da_RI, h_RJ)
+    return torch.ops.aten.gelu_backward.grad_input(da_RI, h_RJ, grad_input=da_RI)

@@ -51,6 +51,18 @@ from .precision import autocast_off
 EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
 
 
+_DOT_CHUNK_ELEMENTS = 1 << 22  # products of at most 16 MiB (fp32) alive at once
+
+
+def _row_dots(a_RI: torch.Tensor, b_RI: torch.Tensor) -> torch.Tensor:
+    """``<a_r, b_r>`` for every row, in chunks of rows so the product temporary stays small."""
+    rows = max(1, _DOT_CHUNK_ELEMENTS // max(1, a_RI.shape[1]))
+    dots_R = a_RI.new_empty(a_RI.shape[0])
+    for a, b, dots in zip(a_RI.split(rows), b_RI.split(rows), dots_R.split(rows)):
+        torch.sum(a * b, dim=1, out=dots)
+    return dots_R
+
+
 class _ExpertFFN(torch.autograd.Function):
     # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
     @staticmethod
@@ -89,7 +101,7 @@ class _ExpertFFN(torch.autograd.Function):
         dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
         da_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)  # dL/d(weight * act)
         act_RI = activate(h_RJ, activation)
-        d_weight = (da_RI * act_RI).sum(dim=1).to(weight_R.dtype) if need_weight else None
+        d_weight = _row_dots(da_RI, act_RI).to(weight_R.dtype) if need_weight else None
         d_w_out = ops.wgrad(act_RI.mul_(scale_R1), dy_RH, counts_E) if need_w_out else None
         del act_RI, dy_RH
         dh_RJ = activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
