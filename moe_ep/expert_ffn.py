@@ -49,8 +49,6 @@ from .expert_backend import grouped_ops
 from .precision import autocast_off
 
 EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
-
-
 _DOT_CHUNK_ELEMENTS = 1 << 22  # products of at most 16 MiB (fp32) alive at once
 
 
