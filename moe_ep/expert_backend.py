@@ -7,6 +7,8 @@ Every backend provides the three products ``moe_ep.expert_ffn`` needs:
     up(x_S, row_R, counts, w_in, act, scale_R) -> a_R = scale_R * act(h_R), and h_R if kept
     mm(x_R, w, counts)[r]                      =  x_R[r] @ w[e(r)]        (any weight strides)
     wgrad(x_R, dy_R, counts)[e]                =  x_e^T @ dy_e            (zeros for empty experts)
+    down_backward(dy_R, h_R, w_out, scale_R, counts, act) -> dW_out, dh   (the backward through
+        y = (scale * act(h)) W_out, and d scale; moe_ep/activations.py has the formulas)
 
 ``workspace`` / ``out`` arguments name an ``[R, H]`` buffer the caller no
 longer needs: backends that can write into it do (the gathered rows of
@@ -20,7 +22,9 @@ buffer 6 ms).
   weight in the epilogue, and ``h`` is stored only when it is kept.
 * ``torch``: ``torch._grouped_mm`` (fp32/fp16/bf16, 16-byte aligned strides);
   ``up`` gathers with ``index_select`` first.
-* ``loop``: one matmul per expert; reads the counts on the host.
+* ``loop``: one matmul per expert; reads the counts on the host. Its
+  ``down_backward`` runs expert by expert, so ``dA`` and the activation exist
+  for one expert's rows at a time (the others hold them for all rows).
 
 ``auto`` picks Triton on CUDA (``torch._grouped_mm`` there without Triton,
 when the dtype and strides allow) and the loop on CPU: there the per-expert
@@ -36,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from .activations import activate
+from .activations import activate, activation_grad, scaled_activation
 
 BACKENDS = ("auto", "triton", "torch", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,6 +78,23 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
     return "torch" if _torch_grouped_mm_ok(x, weights) else "loop"
 
 
+class _GroupedDownBackward:
+    """``down_backward`` from the backend's grouped ``mm`` and ``wgrad``."""
+
+    def down_backward(self, dy_RH: torch.Tensor, h_RJ: torch.Tensor, w_out: torch.Tensor, scale_R1: torch.Tensor,
+                      counts_E: torch.Tensor, activation: str, d_weight_R: Optional[torch.Tensor],
+                      need_w_out: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(dW_out or None, dh)`` for ``y = (scale * act(h)) W_out`` given ``dY``; ``d scale`` into ``d_weight_R``.
+
+            dA~ = dY W_out^T    d scale = <dA~, act(h)>    dW_out[e] = (scale act(h))_e^T dY_e    dh = act'(h) scale dA~
+        """
+        da_RI = self.mm(dy_RH, w_out.transpose(1, 2), counts_E)
+        act_RI = scaled_activation(h_RJ, da_RI, scale_R1, activation, d_weight_R)
+        d_w_out = self.wgrad(act_RI, dy_RH, counts_E) if need_w_out else None
+        del act_RI
+        return d_w_out, activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
+
+
 class _GatherThenUp:
     """``up`` and ``pre`` for backends without a fused kernel: gather the rows, then multiply."""
 
@@ -108,8 +129,29 @@ class LoopOps(_GatherThenUp):
             torch.mm(x_e.t(), dy_e, out=dw_EKN[e])
         return dw_EKN
 
+    def down_backward(self, dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight_R, need_w_out):
+        """As ``_GroupedDownBackward.down_backward``, expert by expert: of the ``[R, I]`` buffers only ``h`` and
+        ``dh`` span all rows; ``dA~`` and the activation are one expert's rows (and stay in cache)."""
+        sizes = counts_E.tolist()
+        dh_RJ = torch.empty_like(h_RJ)
+        d_w_out = w_out.new_empty(w_out.shape) if need_w_out else None
+        dots = d_weight_R.split(sizes) if d_weight_R is not None else [None] * len(sizes)
+        for e, (dy_e, h_e, scale_e, dh_e, dots_e) in enumerate(zip(
+                dy_RH.split(sizes), h_RJ.split(sizes), scale_R1.split(sizes), dh_RJ.split(sizes), dots)):
+            if sizes[e] == 0:
+                if need_w_out:
+                    d_w_out[e].zero_()
+                continue
+            da_e = torch.mm(dy_e, w_out[e].t())
+            act_e = scaled_activation(h_e, da_e, scale_e, activation, dots_e)
+            if need_w_out:
+                torch.mm(act_e.t(), dy_e, out=d_w_out[e])
+            del act_e
+            activation_grad(h_e, da_e.mul_(scale_e), activation, out=dh_e)
+        return d_w_out, dh_RJ
 
-class TorchOps(_GatherThenUp):
+
+class TorchOps(_GatherThenUp, _GroupedDownBackward):
     """``torch._grouped_mm`` with int32 offsets (no host sync).
 
     On CPU the weight gradient is the per-expert loop: ``torch._grouped_mm``'s
@@ -131,7 +173,7 @@ class TorchOps(_GatherThenUp):
         return torch._grouped_mm(x_RK.t(), dy_RN, offs=self._offsets(counts_E))
 
 
-class TritonOps:
+class TritonOps(_GroupedDownBackward):
     """``moe_ep.kernels``: gather on load (+ activation + gate weight) launches, grouped GEMM, weight gradient."""
 
     def mm(self, x_RK, w_EKN, counts_E, out=None):

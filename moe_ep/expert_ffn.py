@@ -44,21 +44,11 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
-from .activations import ACTIVATIONS, activate, activation_grad
+from .activations import ACTIVATIONS
 from .expert_backend import grouped_ops
 from .precision import autocast_off
 
 EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
-_DOT_CHUNK_ELEMENTS = 1 << 22  # products of at most 16 MiB (fp32) alive at once
-
-
-def _row_dots(a_RI: torch.Tensor, b_RI: torch.Tensor) -> torch.Tensor:
-    """``<a_r, b_r>`` for every row, in chunks of rows so the product temporary stays small."""
-    rows = max(1, _DOT_CHUNK_ELEMENTS // max(1, a_RI.shape[1]))
-    dots_R = a_RI.new_empty(a_RI.shape[0])
-    for a, b, dots in zip(a_RI.split(rows), b_RI.split(rows), dots_R.split(rows)):
-        torch.sum(a * b, dim=1, out=dots)
-    return dots_R
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -97,18 +87,15 @@ class _ExpertFFN(torch.autograd.Function):
         scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
 
         dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
-        da_RI = ops.mm(dy_RH, w_out.transpose(1, 2), counts_E)  # dL/d(weight * act)
-        act_RI = activate(h_RJ, activation)
-        d_weight = _row_dots(da_RI, act_RI).to(weight_R.dtype) if need_weight else None
-        d_w_out = ops.wgrad(act_RI.mul_(scale_R1), dy_RH, counts_E) if need_w_out else None
-        del act_RI, dy_RH
-        dh_RJ = activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
-        del da_RI, h_RJ
+        d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
+        d_w_out, dh_RJ = ops.down_backward(dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight, need_w_out)
+        del dy_RH, h_RJ
         d_w_in = ops.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
         d_x = None
         if need_x:
             dx_RH = ops.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
             d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
+        d_weight = d_weight.to(weight_R.dtype) if need_weight else None
         return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None
 
 

@@ -99,16 +99,31 @@ def test_bf16_rows_with_fp32_gates_match_the_formula(backend, activation):
         torch.testing.assert_close(g.double(), w, rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=name)
 
 
-def test_gate_gradient_in_row_chunks(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+def test_gate_gradient_in_row_chunks(monkeypatch, backend):
     """The gate weights' gradient, summed over chunks of a few rows (as for long batches), equals the formula."""
-    import moe_ep.expert_ffn as module
+    import moe_ep.activations as module
     monkeypatch.setattr(module, "_DOT_CHUNK_ELEMENTS", 2 * I)  # two rows per chunk, a short last chunk
     x, row, counts, weight, w_in, w_out = _operands("gelu", seed=2)
     dy = torch.randn(S, H)
-    got = _grads(lambda w: expert_ffn(x, row, counts, w, w_in, w_out, "gelu", "loop"), (weight,), dy)
+    got = _grads(lambda w: expert_ffn(x, row, counts, w, w_in, w_out, "gelu", backend), (weight,), dy)
     want = _grads(lambda w: _reference(x.double(), row, COUNTS, w, w_in.double(), w_out.double(), "gelu"),
                   (weight.double(),), dy.double())
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_second_backward_through_a_retained_graph(backend, activation):
+    """Backward leaves what it saved intact: a second backward (retain_graph) gives the same gradients."""
+    x, row, counts, weight, w_in, w_out = _operands(activation, seed=3)
+    leaves = [t.requires_grad_() for t in (x, weight, w_in, w_out)]
+    y = expert_ffn(x, row, counts, weight, w_in, w_out, activation, backend)
+    dy = torch.randn(S, H)
+    first = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+    second = torch.autograd.grad(y, leaves, dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def test_gradcheck_in_float64():
