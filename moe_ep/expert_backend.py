@@ -119,13 +119,15 @@ class LoopOps(_GatherThenUp):
     def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
         out_RN = x_RK.new_empty(x_RK.shape[0], w_EKN.shape[-1]) if out is None else out
-        for e, (x_e, out_e) in enumerate(zip(x_RK.split(counts_E.tolist()), out_RN.split(counts_E.tolist()))):
+        sizes = counts_E.tolist()  # one host read
+        for e, (x_e, out_e) in enumerate(zip(x_RK.split(sizes), out_RN.split(sizes))):
             torch.mm(x_e, w_EKN[e], out=out_e)
         return out_RN
 
     def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dw_EKN = x_RK.new_empty(counts_E.numel(), x_RK.shape[1], dy_RN.shape[1])
-        for e, (x_e, dy_e) in enumerate(zip(x_RK.split(counts_E.tolist()), dy_RN.split(counts_E.tolist()))):
+        sizes = counts_E.tolist()
+        for e, (x_e, dy_e) in enumerate(zip(x_RK.split(sizes), dy_RN.split(sizes))):
             torch.mm(x_e.t(), dy_e, out=dw_EKN[e])
         return dw_EKN
 
