@@ -9,8 +9,8 @@ weights), ``convert.py`` (DeepSpeed and transformers layouts; also
 format and its guarantees.
 """
 from .manifest import CheckpointError, latest_checkpoint, read_manifest, step_dir
-from .save_load import (RestoredState, load_checkpoint, load_weights, restore_training_state, save_checkpoint,
-                        write_checkpoint)
+from .save_load import (RestoredState, load_checkpoint, load_model, load_weights, restore_training_state,
+                        save_checkpoint, write_checkpoint)
 
-__all__ = ["CheckpointError", "RestoredState", "latest_checkpoint", "load_checkpoint", "load_weights", "read_manifest",
+__all__ = ["CheckpointError", "RestoredState", "latest_checkpoint", "load_checkpoint", "load_model", "load_weights", "read_manifest",
            "restore_training_state", "save_checkpoint", "step_dir", "write_checkpoint"]

@@ -39,17 +39,10 @@ from ..layer import MoELayer
 from ..models import ModelConfig, MoETransformerLM
 from ..parallel.state import ParallelState
 from .manifest import CheckpointError, read_manifest
-from .save_load import load_weights, write_checkpoint
+from .save_load import load_model, write_checkpoint
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-
-
-def load_model(src: Path) -> MoETransformerLM:
-    """A single-process model with the weights of the moe_ep checkpoint ``src`` (any layout)."""
-    model = MoETransformerLM(ModelConfig.from_dict(read_manifest(src)["model_config"]))
-    load_weights(src, model, ParallelState())
-    return model
 
 
 def _moe_blocks(model: MoETransformerLM) -> list[tuple[int, MoELayer]]:

@@ -44,6 +44,7 @@ from .storage import load_tensors, read_metadata, save_tensors
 from .tensors import MODEL, OPTIM, FlatState, restore_rng, rng_tensors
 
 if TYPE_CHECKING:
+    from ..models import MoETransformerLM
     from ..training.config import TrainConfig
 
 # The TrainConfig fields that shape the parameters a run produces: a resumed run must use the checkpoint's
@@ -153,6 +154,24 @@ def load_weights(folder: Path, model: nn.Module, parallel: ParallelState) -> dic
     saved = read_metadata(folder).state_dict_metadata
     load_tensors(_model_targets(flat, set(saved), Path(folder)), Path(folder), _group(parallel))
     return manifest
+
+
+def load_model(folder: Path, parallel: Optional[ParallelState] = None, **moe_overrides) -> "MoETransformerLM":
+    """The model of checkpoint ``folder`` with its weights (any saved layout), built at ``parallel``'s layout.
+
+    ``parallel`` None: one process. ``moe_overrides`` replace ``MoEConfig``
+    fields of the saved config that shape no tensor (e.g.
+    ``eval_capacity_factor=None``). Collective over ``parallel``'s world.
+    """
+    from ..models import ModelConfig, MoETransformerLM
+
+    parallel = parallel or ParallelState()
+    config = ModelConfig.from_dict(read_manifest(folder)["model_config"])
+    if moe_overrides:
+        config = config.replace(moe=config.moe.replace(**moe_overrides))
+    model = MoETransformerLM(config, parallel)
+    load_weights(folder, model, parallel)
+    return model
 
 
 def _reseed(seed: int, step: int, rank: int) -> int:

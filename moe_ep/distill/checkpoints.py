@@ -2,7 +2,7 @@
 
 The format is ``moe_ep.checkpoint``'s (``OUT/ckpt/step_XXXX``: sharded
 ``torch.distributed.checkpoint`` files and ``manifest.json``). A teacher saved
-at any layout is read at this process's layout with ``load_weights`` (each
+at any layout is read at this process's layout with ``load_model`` (each
 rank reads its own expert rows). A student is saved with
 ``save_checkpoint``, so ``launch/train.py --resume`` can continue it and
 ``load_lm_checkpoint`` reads it back.
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import BatchSampler
-from ..models import ModelConfig, MoETransformerLM
+from ..models import MoETransformerLM
 from ..parallel.state import ParallelState
-from ..checkpoint import latest_checkpoint, load_weights, read_manifest, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_model, save_checkpoint
 from ..checkpoint.manifest import MANIFEST
 from ..training.config import TrainConfig
 
@@ -41,13 +41,8 @@ def load_lm_checkpoint(path: Path, parallel: ParallelState, no_eval_dropping: bo
     no_eval_dropping: set every MoE layer's ``eval_capacity_factor`` to None
     (a teacher in eval mode then drops no token).
     """
-    folder = checkpoint_folder(path)
-    config = ModelConfig.from_dict(read_manifest(folder)["model_config"])
-    if no_eval_dropping:
-        config = config.replace(moe=config.moe.replace(eval_capacity_factor=None))
-    model = MoETransformerLM(config, parallel)
-    load_weights(folder, model, parallel)  # collective; any saved layout
-    return model
+    overrides = dict(eval_capacity_factor=None) if no_eval_dropping else {}
+    return load_model(checkpoint_folder(path), parallel, **overrides)  # collective; any saved layout
 
 
 def save_lm(model: nn.Module, out_dir: Path, step: int, optimizer: torch.optim.Optimizer,
