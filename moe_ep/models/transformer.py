@@ -134,20 +134,25 @@ class MoETransformerLM(MoEBalancing, nn.Module):
         ``CausalSelfAttention``); SDPA runs when it is not asked for.
         """
         h_BSH = self.embed(input_ids_BS)
-        hidden, attentions = [h_BSH], []
+        # kept only when asked for: under no_grad each block's output is freed as the next one runs
+        hidden = [h_BSH] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
             if checkpointed:
                 h_BSH, probs_BNSS = checkpoint_block(block, h_BSH, output_attentions)
             else:
                 h_BSH, probs_BNSS = block(h_BSH, output_attentions)
-            hidden.append(h_BSH)
-            attentions.append(probs_BNSS)
+            if hidden is not None:
+                hidden.append(h_BSH)
+            if attentions is not None:
+                attentions.append(probs_BNSS)
         h_BSH = self.norm(h_BSH)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits_BSV = F.linear(h_BSH, weight)
         if not (output_hidden_states or output_attentions):
             return logits_BSV
-        hidden[-1] = h_BSH
-        return LMOutput(logits=logits_BSV, hidden_states=tuple(hidden) if output_hidden_states else None,
-                        attentions=tuple(attentions) if output_attentions else None)
+        if hidden is not None:
+            hidden[-1] = h_BSH
+        return LMOutput(logits=logits_BSV, hidden_states=None if hidden is None else tuple(hidden),
+                        attentions=None if attentions is None else tuple(attentions))
