@@ -39,13 +39,14 @@ def parallel_for(world: int, ep_size: int):
 def setup(world: int, ep_size: int, out_dir, steps: int = STEPS):
     import torch.distributed as dist
 
-    from moe_ep.data import BatchSampler, load_corpus
     from moe_ep.models import MoETransformerLM
+
+    from .deepspeed_workers import _sampler
 
     parallel = parallel_for(world, ep_size)
     cfg = train_config(world, out_dir, steps)
     rank = dist.get_rank() if parallel.distributed else 0
-    sampler = BatchSampler(load_corpus(max_bytes=1 << 18), cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    sampler = _sampler(cfg, rank, world)
     return parallel, cfg, sampler, MoETransformerLM(model_config(), parallel, seed=cfg.seed)
 
 
@@ -67,18 +68,11 @@ def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
 
 
 def manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
-    from moe_ep.parallel.grads import clip_gradients, sync_gradients
-    from moe_ep.training.loop import cross_entropy
+    """``steps`` plain-loop steps at the optimizer's current learning rate (no schedule)."""
+    from moe_ep.training.step import train_step
 
     for step in range(steps):
-        batch = sampler.batch(step)
-        loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:]) + model.aux_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_gradients(model, parallel)
-        clip_gradients(model, parallel, cfg.grad_clip)
-        optimizer.step()
-        model.update_moe_bias()
+        train_step(model, optimizer, sampler.batch(step), optimizer.param_groups[0]["lr"], parallel, cfg)
 
 
 def write_reference(rank: int, world: int, ep_size: int, root: str) -> None:

@@ -50,12 +50,6 @@ def _masters(engine, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _bias(model) -> torch.Tensor:
-    from moe_ep.model_moe import moe_layers
-
-    return torch.cat([layer.router.e_score_correction_bias for layer in moe_layers(model)]).clone()
-
-
 def _steps(engine, model, parallel, sampler, cfg, manual_clip, steps: range) -> list:
     from moe_ep.integrations.deepspeed import train_step
     from moe_ep.training.optim import lr_at
@@ -114,7 +108,7 @@ def bf16_stages_match_plain_loop(rank: int, world: int, stages: tuple = (0, 1, 2
         model = MoETransformerLM(ds_workers.model_config(), ds_parallel, seed=0)
         engine, manual_clip = _engine(model, cfg, stage, bf16={"enabled": True}, optimizer=_adamw(cfg, BF16_ADAM_EPS))
         results = _steps(engine, model, ds_parallel, sampler, cfg, manual_clip, range(n_steps))
-        bias = _bias(model)
+        bias = plain_workers._bias(model)
         max_abs, rel = _update_error(_masters(engine, model), plain, initial)
         out[stage] = dict(ce=[float(r.ce) for r in results], norms=[float(r.grad_norm) for r in results],
                           applied=[r.applied for r in results], max_abs=max_abs, rel=rel,
@@ -142,12 +136,13 @@ def accumulation_matches_one_batch(rank: int, world: int, cases: tuple = ((1, 0)
                                           optimizer=_adamw(cfg, plain_workers.ACCUM_ADAM_EPS))
             initial = _masters(engine, model)
             (result,) = _steps(engine, model, parallel, sampler, cfg, manual_clip, range(1))
-            runs.append(dict(result=result, masters=_masters(engine, model), initial=initial, bias=_bias(model),
+            runs.append(dict(result=result, masters=_masters(engine, model), initial=initial,
+                             bias=plain_workers._bias(model),
                              pending=[float(layer.load_accum.abs().sum()) for layer in model.moe_layers()]))
         one, two = runs
         out[ep] = dict(stage=stage, micro_batches=(len(one["result"].stats), len(two["result"].stats)),
-                       param_diff=plain_workers._max_diff(one["masters"], two["masters"]),
-                       moved=plain_workers._max_diff(one["masters"], one["initial"]),
+                       param_diff=ds_workers._max_diff(one["masters"], two["masters"]),
+                       moved=ds_workers._max_diff(one["masters"], one["initial"]),
                        ce=(float(one["result"].ce), float(two["result"].ce)),
                        norms=(float(one["result"].grad_norm), float(two["result"].grad_norm)),
                        bias_equal=torch.equal(one["bias"], two["bias"]), bias_moved=float(one["bias"].abs().max()),
@@ -180,7 +175,7 @@ def fp16_overflow_changes_nothing(rank: int, world: int, stage: int = 2) -> dict
 
     def snapshot() -> dict:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return dict(masters=_masters(engine, model), params=params, bias=_bias(model),
+        return dict(masters=_masters(engine, model), params=params, bias=plain_workers._bias(model),
                     drop_step=[int(layer.drop_step) for layer in layers])
 
     meter = IntervalMeter(len(layers), model.config.moe.n_routed_experts, 1, torch.device("cpu"))
@@ -199,11 +194,11 @@ def fp16_overflow_changes_nothing(rank: int, world: int, stage: int = 2) -> dict
         meter.add(result, cfg.lr)
     record = meter.flush(parallel)
     return dict(applied=[r.applied for r in results], dropped=sum(int(s.dropped_pairs) for s in results[1].stats[0]),
-                masters_diff=plain_workers._max_diff(before["masters"], after_skip["masters"]),
+                masters_diff=ds_workers._max_diff(before["masters"], after_skip["masters"]),
                 params_equal=all(torch.equal(before["params"][n], after_skip["params"][n]) for n in before["params"]),
                 bias_equal=torch.equal(before["bias"], after_skip["bias"]),
                 drop_step=(before["drop_step"], after_skip["drop_step"], after_next["drop_step"]), pending=pending,
-                next_moved=plain_workers._max_diff(after_skip["masters"], after_next["masters"]),
+                next_moved=ds_workers._max_diff(after_skip["masters"], after_next["masters"]),
                 next_bias_moved=float((after_next["bias"] - after_skip["bias"]).abs().max()),
                 skipped_steps=record["skipped_steps"], grad_norm=record["grad_norm"],
                 param_dtype=str(poisoned.dtype))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .deepspeed_workers import _max_diff, _sampler
+
 SEQ_LEN = 32
 
 
@@ -37,8 +39,6 @@ def train_config(**overrides):
 
 def batches(cfg, rank: int, world: int, n: int) -> list[torch.Tensor]:
     """This rank's batches of the first ``n`` steps (byte corpus, as the launchers draw them)."""
-    from .deepspeed_workers import _sampler
-
     sampler = _sampler(cfg, rank, world)
     return [sampler.batch(step) for step in range(n)]
 
@@ -49,10 +49,6 @@ def _bias(model) -> torch.Tensor:
 
 def _params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def run_steps(parallel, train_cfg, model_cfg, steps: int, rank: int = 0, world: int = 1,
