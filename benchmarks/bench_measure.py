@@ -192,47 +192,38 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------- machine
-def _cpu_flags() -> set[str]:
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (None when absent or unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
 
 
-def bf16_support(device: torch.device) -> tuple[bool, str]:
-    """(native bf16 matrix units?, a sentence saying what bf16 matmuls run on)."""
+def bf16_support(device: torch.device) -> str:
+    """A sentence saying what bf16 matmuls run on (native matrix units or not)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return major >= 8, f"CUDA sm_{major}{minor}: bf16 tensor cores {'yes' if major >= 8 else 'no'}"
-    flags = _cpu_flags()
+        return f"CUDA sm_{major}{minor}: bf16 tensor cores {'yes' if major >= 8 else 'no'}"
+    flags = set((_cpuinfo("flags") or "").split())
     if "amx_bf16" in flags:
-        return True, "CPU has AMX (amx_bf16): bf16 matmuls run on the AMX tile units"
+        return "CPU has AMX (amx_bf16): bf16 matmuls run on the AMX tile units"
     if "avx512_bf16" in flags:
-        return False, ("CPU has no bf16 matrix units (no AMX); bf16 matmuls use AVX512-BF16 vector dot "
-                       "products (vdpbf16ps)")
-    return False, "CPU has no native bf16 arithmetic: bf16 is converted to fp32 for compute"
+        return ("CPU has no bf16 matrix units (no AMX); bf16 matmuls use AVX512-BF16 vector dot "
+                "products (vdpbf16ps)")
+    return "CPU has no native bf16 arithmetic: bf16 is converted to fp32 for compute"
 
 
 def machine_description(device: torch.device) -> dict:
     """What the numbers were measured on (plain values, for JSON)."""
     desc = {"device": device.type, "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
-            "cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "load_avg_1m": os.getloadavg()[0], "bf16_note": bf16_support(device)[1]}
+            "cpu": _cpuinfo("model name") or platform.processor() or "unknown CPU", "cpu_cores": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_avg_1m": os.getloadavg()[0], "bf16_note": bf16_support(device)}
     if device.type == "cuda":
         desc["gpu"] = torch.cuda.get_device_name(device)
     try:

@@ -106,8 +106,9 @@ def _scaling_rank(rank: int, world: int, opts: dict, mode: str) -> dict:
     nodes = NODES if world % NODES == 0 else 1
     ctx = rank_context(rank, world, torch.device("cpu"), torch.float32, nodes=nodes)
     weights, x_TH = ReferenceWeights.random(spec), rank_input(spec, rank)
+    variants = _variant_fields(world)
     built = {name: build_moe_ep(spec, weights, ctx, x_TH, **fields)
-             for name, fields in _variant_fields(world).items() if name in opts["impls"]}
+             for name, fields in variants.items() if name in opts["impls"]}
     if "deepspeed" in opts["impls"]:
         built["deepspeed"] = build_deepspeed(spec, weights, ctx, x_TH)
         _Labelled(built["deepspeed"].module.routed.deepspeed_moe.experts, "deepspeed.experts")
@@ -119,7 +120,7 @@ def _scaling_rank(rank: int, world: int, opts: dict, mode: str) -> dict:
         shares = phase_shares(partial(forward_backward, b), opts["profile_iters"], EXPERT_LABELS, ctx.device)
         shares = dict(zip(shares, over_ranks(list(shares.values()), "mean")))
         wall_s, cpu_s = zip(*samples[name])
-        fields = _variant_fields(world).get(name, {})
+        fields = variants.get(name, {})
         records.append(dict(
             impl=name, mode=mode, procs=world, nodes=nodes, tokens_per_rank=tokens, global_tokens=tokens * world,
             **dataclasses.asdict(spec), routing=fields.get("topk_method", "greedy"),
