@@ -38,9 +38,9 @@ from moe_ep.distill import Distiller  # noqa: E402
 from moe_ep.distill.adapters import DTYPES, lm_shape  # noqa: E402
 from moe_ep.distill.loop import distill  # noqa: E402
 from moe_ep.distill.losses import DISTILL_METHODS  # noqa: E402
-from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM  # noqa: E402
+from moe_ep.models import MODEL_PRESETS, MoETransformerLM  # noqa: E402
 from moe_ep.training.cli import add_loop_arguments, loop_config  # noqa: E402
-from moe_ep.training.config import parse_field_overrides  # noqa: E402
+from moe_ep.training.model_source import preset_config, run_record  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,8 +74,7 @@ def main(argv=None) -> None:
     parallel, device = setup_parallel(args.ep_size, args.nodes)
     rank = dist.get_rank() if parallel.distributed else 0
     if args.student_preset:
-        base = ModelConfig.preset(args.student_preset)
-        student_cfg = base.replace(moe=base.moe.replace(**parse_field_overrides(args.moe)))
+        student_cfg = preset_config(args.student_preset, args.moe)
         student = MoETransformerLM(student_cfg, parallel, seed=args.seed)
         cfg = loop_config(args, default_seq_len=student_cfg.max_seq_len)
     else:
@@ -100,14 +99,12 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         student_model = (distiller.student.config.to_dict() if isinstance(distiller.student, MoETransformerLM)
                          else distiller.student.hf.config.to_dict())
-        run_info = dict(model=student_model, teacher=args.teacher, student=args.student or args.student_preset,
-                        distill={k: getattr(args, k) for k in ("temperature", "alpha", "method", "hidden_weight",
-                                                                "attention_weight", "relation_weight",
-                                                                "teacher_dtype", "student_dtype")},
-                        parameters=counts, train=cfg.to_dict(), world_size=parallel.world_size,
-                        ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
-                        data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
-                                  val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint))
+        run_info = run_record(student_model, cfg, parallel, device, corpus, teacher=args.teacher,
+                              student=args.student or args.student_preset,
+                              distill={k: getattr(args, k) for k in ("temperature", "alpha", "method", "hidden_weight",
+                                                                      "attention_weight", "relation_weight",
+                                                                      "teacher_dtype", "student_dtype")},
+                              parameters=counts)
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         print(f"[moe_ep] distil {args.teacher} ({counts['teacher']['total'] / 1e6:.2f}M parameters, "
               f"{counts['teacher']['activated'] / 1e6:.2f}M activated) into {run_info['student']} "

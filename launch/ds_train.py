@@ -49,7 +49,7 @@ from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, deepspeed_p
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
 from moe_ep.training.cli import add_model_arguments, add_run_arguments, add_schedule_arguments  # noqa: E402
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
-from moe_ep.training.model_source import build_model, default_seq_len, save_hf  # noqa: E402
+from moe_ep.training.model_source import build_model, default_seq_len, run_record, save_hf  # noqa: E402
 from moe_ep.training.optim import lr_at  # noqa: E402
 
 _DEFAULTS = TrainConfig()
@@ -147,14 +147,11 @@ def main(argv=None) -> None:
         start = sampler.check_resume(client_state["data"])
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_info = dict(model=source.info, train=cfg.to_dict(), world_size=parallel.world_size,
-                        ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
-                        data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
-                                  val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
-                        deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, precision=precision,
-                                       config=ds_config,
-                                       clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
-                        resumed_at_step=start or None, init_from=args.init_from)
+        run_info = run_record(source.info, cfg, parallel, device, corpus,
+                              deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, precision=precision,
+                                             config=ds_config,
+                                             clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
+                              resumed_at_step=start or None, init_from=args.init_from)
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[moe_ep/deepspeed] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "

@@ -24,7 +24,7 @@ import moe_ep
 from moe_ep.data import BatchSampler
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
 from moe_ep.training.cli import add_loop_arguments, add_model_arguments, loop_config
-from moe_ep.training.model_source import build_model, default_seq_len, save_hf
+from moe_ep.training.model_source import build_model, default_seq_len, run_record, save_hf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,11 +77,8 @@ def main(argv=None) -> None:
     sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        run_info = dict(model=source.info, train=cfg.to_dict(), world_size=parallel.world_size,
-                        ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
-                        data=dict(source=corpus.source, train_tokens=corpus.train.numel(),
-                                  val_tokens=corpus.val.numel(), fingerprint=corpus.fingerprint),
-                        resumed_from=str(resume) if resume else None)
+        run_info = run_record(source.info, cfg, parallel, device, corpus,
+                              resumed_from=str(resume) if resume else None)
         if resume:
             print(f"[moe_ep] resuming from {resume}", flush=True)
         (Path(args.out) / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")

@@ -49,16 +49,30 @@ def default_seq_len(args: argparse.Namespace) -> int:
     return TrainConfig.seq_len if args.hf_model else ModelConfig.preset(args.preset).max_seq_len
 
 
+def preset_config(preset: str, moe_flags: list[str]) -> ModelConfig:
+    """``ModelConfig.preset(preset)`` with the ``--moe FIELD=VALUE`` overrides applied to its MoE config."""
+    base = ModelConfig.preset(preset)
+    return base.replace(moe=base.moe.replace(**parse_field_overrides(moe_flags)))
+
+
+def run_record(model_info: dict, cfg: TrainConfig, parallel: ParallelState, device: torch.device, corpus: Corpus,
+               **extra: Any) -> dict:
+    """A launcher's ``run.json``: the model, the training config, the layout, the device, the corpus, ``extra``."""
+    return dict(model=model_info, train=cfg.to_dict(), world_size=parallel.world_size, ep_size=parallel.ep_size,
+                dp_size=parallel.dp_size, device=str(device),
+                data=dict(source=corpus.source, train_tokens=corpus.train.numel(), val_tokens=corpus.val.numel(),
+                          fingerprint=corpus.fingerprint), **extra)
+
+
 def build_model(args: argparse.Namespace, parallel: ParallelState, device: torch.device, seed: int) -> ModelSource:
     """The launchers' model and corpus (see the module docstring); ``seed`` initialises a preset model."""
     if args.save_hf and not args.hf_model:
         raise SystemExit("--save-hf needs --hf-model (a preset model is not a transformers model)")
-    overrides = parse_field_overrides(args.moe)
     if not args.hf_model:
-        base = ModelConfig.preset(args.preset)
-        config = base.replace(moe=base.moe.replace(**overrides))
+        config = preset_config(args.preset, args.moe)
         model = MoETransformerLM(config, parallel, seed=seed).to(device)
         return ModelSource(model, load_corpus(args.data, max_bytes=args.max_data_bytes), None, config.to_dict())
+    overrides = parse_field_overrides(args.moe)
     model = _load_hf_causal_lm(args.hf_model, parallel, device, overrides)
     corpus, tokenizer = hf_corpus(args.hf_model, model.config.vocab_size, args.data, args.max_data_bytes)
     info = dict(hf_model=args.hf_model, config=model.config.to_dict(), moe_overrides=overrides)
