@@ -1,4 +1,10 @@
-"""Install moe_ep; the top-level ``kernels/`` folder installs as ``moe_ep.kernels``."""
+"""Install moe_ep. ``moe_ep/kernels`` links to the top-level ``kernels/`` folder (no ``__init__.py`` there, so a
+checkout root on ``sys.path`` never shadows another distribution's top-level ``kernels`` package); an install copies
+it into ``moe_ep/kernels/``.
+
+The ranges below are what the code needs (floors: the oldest versions it uses the APIs of); the tested set of
+versions is pinned in constraints.txt, which ``launch/setup_venv.sh`` installs with.
+"""
 from setuptools import setup
 
 setup(
@@ -8,11 +14,11 @@ setup(
     python_requires=">=3.10",
     packages=["moe_ep", "moe_ep.kernels", "moe_ep.checkpoint", "moe_ep.dispatch", "moe_ep.distill", "moe_ep.models",
               "moe_ep.integrations", "moe_ep.parallel", "moe_ep.training"],
-    package_dir={"moe_ep": "moe_ep", "moe_ep.kernels": "kernels"},
-    install_requires=["torch>=2.4", "safetensors", "tqdm", "matplotlib", "numpy"],
+    # torch 2.5: torch.distributed.tensor is public (DTensor in checkpoints).
+    install_requires=["torch>=2.5", "safetensors>=0.4", "tqdm", "matplotlib", "numpy"],
     extras_require={
-        "triton": ["triton"],
-        "deepspeed": ["deepspeed"],
-        "test": ["pytest", "pytest-timeout", "numpy", "transformers", "triton", "deepspeed"],
+        "triton": ["triton>=3.0"],
+        "deepspeed": ["deepspeed>=0.14"],
+        "test": ["pytest", "pytest-timeout", "numpy", "transformers>=4.52", "triton>=3.0", "deepspeed>=0.14"],
     },
 )

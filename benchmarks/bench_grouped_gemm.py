@@ -98,7 +98,7 @@ def make_step(forward, inputs: tuple, leaves: tuple, dy: torch.Tensor, mode: str
 def gemm_forward(method: str, x_TK, w, counts_E):
     """One grouped GEMM; ``dense`` gets a single [K, N] weight instead of [E, K, N]."""
     if method == "triton":
-        from moe_ep.kernels import grouped_mm
+        from moe_ep.kernels.grouped_mm import grouped_mm
         return grouped_mm(x_TK, w, counts_E)
     if method == "torch_grouped_mm":
         return torch._grouped_mm(x_TK, w, offs=torch.cumsum(counts_E, 0).to(torch.int32))
@@ -297,7 +297,7 @@ def main(argv=None) -> list[dict]:
         # Set before moe_ep.kernels first imports Triton: CPU tensors only run in its interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(args.threads)
-    from moe_ep.kernels import triton_available
+    from moe_ep.kernels.runtime import triton_available
 
     args.triton = triton_available()
     if not args.triton:

@@ -16,7 +16,7 @@ import torch
 
 from .block_table import BlockConfig, choose_config
 from .grouped_mm import check_counts
-from .runtime import triton_kernels
+from .launchers import triton_launchers
 
 _ACTIVATIONS = ("swiglu", "gelu")
 
@@ -64,7 +64,7 @@ def gathered_up_projection(x_src: torch.Tensor, row_index: torch.Tensor, counts:
     config = config or choose_config(rows, num_experts, hidden, inter, x_src.dtype,
                                      accumulators=2 if activation == "swiglu" else 1)
     pre = x_src.new_empty((rows, width)) if store_pre else None
-    out = triton_kernels().launch_grouped_gemm(x_src, w_in, counts, x_src.new_empty((rows, inter)), config,
+    out = triton_launchers().launch_grouped_gemm(x_src, w_in, counts, x_src.new_empty((rows, inter)), config,
                                                row_index=row_index, row_scale=row_scale, activation=activation,
                                                pre_out=pre)
     return out, pre
@@ -76,5 +76,5 @@ def gathered_grouped_gemm(x_src: torch.Tensor, row_index: torch.Tensor, counts: 
     _check_operands(x_src, row_index, counts, w, None, None)
     rows, (num_experts, hidden, width) = row_index.shape[0], w.shape
     config = config or choose_config(rows, num_experts, hidden, width, x_src.dtype)
-    return triton_kernels().launch_grouped_gemm(x_src, w, counts, x_src.new_empty((rows, width)), config,
+    return triton_launchers().launch_grouped_gemm(x_src, w, counts, x_src.new_empty((rows, width)), config,
                                                 row_index=row_index)

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .block_table import BlockConfig, choose_config, choose_weight_grad_config
-from .runtime import triton_kernels
+from .launchers import triton_launchers
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,7 +42,7 @@ def grouped_gemm(x_TK, w_EKN, counts_E, config=None, out=None):
     num_rows, (num_experts, k, n) = x_TK.shape[0], w_EKN.shape
     config = config or choose_config(num_rows, num_experts, k, n, x_TK.dtype)
     out_TN = x_TK.new_empty((num_rows, n)) if out is None else out
-    return triton_kernels().launch_grouped_gemm(x_TK, w_EKN, counts_E, out_TN, config)
+    return triton_launchers().launch_grouped_gemm(x_TK, w_EKN, counts_E, out_TN, config)
 
 
 def weight_grad(x_TK, dy_TN, counts_E, like_EKN=None, config=None):
@@ -54,7 +54,7 @@ def weight_grad(x_TK, dy_TN, counts_E, like_EKN=None, config=None):
         like_EKN = x_TK.new_empty((counts_E.shape[0], x_TK.shape[1], dy_TN.shape[1]))
     num_experts, k, n = like_EKN.shape
     config = config or choose_weight_grad_config(x_TK.shape[0], num_experts, k, n, x_TK.dtype)
-    return triton_kernels().launch_weight_grad(x_TK, dy_TN, counts_E, torch.empty_like(like_EKN), config)
+    return triton_launchers().launch_weight_grad(x_TK, dy_TN, counts_E, torch.empty_like(like_EKN), config)
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -33,11 +33,3 @@ def require_triton() -> None:
             "moe_ep.kernels needs Triton for its kernels, but `import triton` "
             "fails here; install it with `pip install triton` (or the `moe_ep[triton]` extra)."
         )
-
-
-def triton_kernels():
-    """The module holding the Triton kernels and launchers, imported on first use."""
-    require_triton()
-    from . import grouped_gemm_triton
-
-    return grouped_gemm_triton

@@ -41,6 +41,9 @@ from typing import Optional
 import torch
 
 from .activations import activate, activation_grad, scaled_activation
+from .kernels.gathered_gemm import gathered_grouped_gemm, gathered_up_projection
+from .kernels.grouped_mm import grouped_gemm, weight_grad
+from .kernels.runtime import triton_available
 
 BACKENDS = ("auto", "triton", "torch", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,7 +75,6 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
         return requested
     if not x.is_cuda:
         return "loop"
-    from .kernels import triton_available
     if triton_available():
         return "triton"
     return "torch" if _torch_grouped_mm_ok(x, weights) else "loop"
@@ -179,19 +181,15 @@ class TritonOps(_GroupedDownBackward):
     """``moe_ep.kernels``: gather on load (+ activation + gate weight) launches, grouped GEMM, weight gradient."""
 
     def mm(self, x_RK, w_EKN, counts_E, out=None):
-        from .kernels import grouped_gemm
         return grouped_gemm(x_RK, w_EKN, counts_E, out=out)
 
     def wgrad(self, x_RK, dy_RN, counts_E):
-        from .kernels import weight_grad
         return weight_grad(x_RK, dy_RN, counts_E)
 
     def pre(self, x_SH, row_R, counts_E, w_in, workspace=None):  # gathers on load: no buffer
-        from .kernels import gathered_grouped_gemm
         return gathered_grouped_gemm(x_SH, row_R, counts_E, w_in)
 
     def up(self, x_SH, row_R, counts_E, w_in, activation, scale_R, keep_pre, workspace=None):
-        from .kernels import gathered_up_projection
         return gathered_up_projection(x_SH, row_R, counts_E, w_in, activation, scale_R.float(), store_pre=keep_pre)
 
 

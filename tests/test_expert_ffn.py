@@ -49,7 +49,7 @@ def _grads(fn, leaves, dy):
 
 
 BACKENDS = ["torch", "loop", pytest.param("triton", marks=pytest.mark.skipif(
-    not __import__("moe_ep.kernels", fromlist=["triton_available"]).triton_available(), reason="no triton"))]
+    not __import__("moe_ep.kernels.runtime", fromlist=["triton_available"]).triton_available(), reason="no triton"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,7 +6,8 @@ pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="moe_ep.kernels needs Triton (pip install triton)")
 
 from .kernel_reference import up_projection_reference  # noqa: E402
-from moe_ep.kernels import BlockConfig, gathered_grouped_gemm, gathered_up_projection  # noqa: E402
+from moe_ep.kernels.block_table import BlockConfig  # noqa: E402
+from moe_ep.kernels.gathered_gemm import gathered_grouped_gemm, gathered_up_projection  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,8 @@ pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="moe_ep.kernels needs Triton (pip install triton)")
 
 from .kernel_reference import grouped_mm_reference  # noqa: E402
-from moe_ep.kernels import BlockConfig, grouped_mm  # noqa: E402
+from moe_ep.kernels.block_table import BlockConfig  # noqa: E402
+from moe_ep.kernels.grouped_mm import grouped_mm  # noqa: E402
 from moe_ep.kernels.grouped_gemm_triton import launch_grouped_gemm, launch_weight_grad  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,7 +7,9 @@ import torch
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="moe_ep.kernels needs Triton (pip install triton)")
 
-from moe_ep.kernels import BlockConfig, gathered_up_projection, grouped_mm  # noqa: E402
+from moe_ep.kernels.block_table import BlockConfig  # noqa: E402
+from moe_ep.kernels.gathered_gemm import gathered_up_projection  # noqa: E402
+from moe_ep.kernels.grouped_mm import grouped_mm  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
