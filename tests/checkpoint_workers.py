@@ -7,6 +7,9 @@ files: tensors do not outlive a worker.
 """
 from __future__ import annotations
 
+import contextlib
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,6 +53,29 @@ def setup(world: int, ep_size: int, out_dir, steps: int = STEPS):
     return parallel, cfg, sampler, MoETransformerLM(model_config(), parallel, seed=cfg.seed)
 
 
+@contextlib.contextmanager
+def recording():
+    """The names of the files this process hashes (``hashed``) and how often it parses a ``.metadata`` (``parses``)."""
+    from moe_ep.checkpoint import integrity, storage
+
+    seen = dict(hashed=[], parses=0)
+    sha256_of, load = integrity.sha256_of, storage._MetadataUnpickler.load
+
+    def hashing(path):
+        seen["hashed"].append(Path(path).name)
+        return sha256_of(path)
+
+    def parsing(unpickler):
+        seen["parses"] += 1
+        return pickle.Unpickler.load(unpickler)
+
+    integrity.sha256_of, storage._MetadataUnpickler.load = hashing, parsing
+    try:
+        yield seen
+    finally:
+        integrity.sha256_of, storage._MetadataUnpickler.load = sha256_of, load
+
+
 def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
     """Unsharded copies of every model tensor and optimizer state tensor (experts gathered over EP)."""
     from moe_ep.parallel.grads import partition_parameters
@@ -75,34 +101,69 @@ def manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
         train_step(model, optimizer, sampler.batch(step), optimizer.param_groups[0]["lr"], parallel, cfg)
 
 
-def write_reference(rank: int, world: int, ep_size: int, root: str) -> None:
-    """Save a checkpoint after 2 steps at (world, ep_size) and, on rank 0, the unsharded state it must hold."""
+def write_reference(rank: int, world: int, ep_size: int, root: str) -> list[str]:
+    """Save a checkpoint after 2 steps at (world, ep_size) and, on rank 0, the unsharded state it must hold.
+
+    Returns the names of the files this rank hashed while saving.
+    """
     from moe_ep.checkpoint import save_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact")
     optimizer = build_optimizer(model, cfg)
     manual_steps(model, optimizer, sampler, parallel, cfg, 2)
-    save_checkpoint(Path(root) / "exact", 2, model, optimizer, sampler, parallel, cfg)
+    with recording() as seen:
+        save_checkpoint(Path(root) / "exact", 2, model, optimizer, sampler, parallel, cfg)
     reference = full_state(model, optimizer, parallel)
     if rank == 0:
         torch.save(reference, Path(root) / "exact_reference.pt")
+    return sorted(seen["hashed"])
 
 
 def load_and_compare(world: int, ep_size: int, root: str) -> dict:
-    """Load the exact checkpoint at (world, ep_size); which tensors differ bitwise from the reference."""
+    """Load the exact checkpoint at (world, ep_size); which tensors differ bitwise from the reference.
+
+    Also which files this rank checksummed while loading, and how often it parsed ``.metadata``.
+    """
     from moe_ep.checkpoint import load_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact-load")
     before = full_state(model, build_optimizer(model, cfg), parallel)
     optimizer = build_optimizer(model, cfg)
-    step = load_checkpoint(Path(root) / "exact" / "ckpt" / "step_0002", model, optimizer, sampler, parallel, cfg)
+    with recording() as seen:
+        step = load_checkpoint(Path(root) / "exact" / "ckpt" / "step_0002", model, optimizer, sampler, parallel, cfg)
     loaded = full_state(model, optimizer, parallel)
     reference = torch.load(Path(root) / "exact_reference.pt", weights_only=True)
     return dict(step=step, keys_equal=sorted(loaded) == sorted(reference),
                 differ=sorted(k for k in reference if k in loaded and not torch.equal(loaded[k], reference[k])),
-                unchanged_by_load=sorted(k for k in before if torch.equal(before[k], loaded[k])))
+                unchanged_by_load=sorted(k for k in before if torch.equal(before[k], loaded[k])),
+                checked=sorted(seen["hashed"]), parses=seen["parses"])
+
+
+def damaged_load_error(rank: int, world: int, ep_size: int, root: str) -> dict:
+    """Rank 0 copies the exact checkpoint and truncates the first file of the last rank's share; every rank loads it.
+
+    Returns that file's name and the ``CheckpointError`` message this rank raised (None: none).
+    """
+    import torch.distributed as dist
+
+    from moe_ep.checkpoint import CheckpointError, load_checkpoint, read_manifest
+    from moe_ep.checkpoint.integrity import share
+    from moe_ep.training.optim import build_optimizer
+
+    source, folder = Path(root) / "exact" / "ckpt" / "step_0002", Path(root) / "damaged" / "step_0002"
+    victim = share(read_manifest(source)["files"], world - 1, world)[0]
+    if rank == 0:
+        shutil.copytree(source, folder)
+        (folder / victim).write_bytes((folder / victim).read_bytes()[:-1])
+    dist.barrier()
+    parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "damaged-load")
+    try:
+        load_checkpoint(folder, model, build_optimizer(model, cfg), sampler, parallel, cfg)
+    except CheckpointError as exc:
+        return dict(victim=victim, error=str(exc))
+    return dict(victim=victim, error=None)
 
 
 def train_run(world: int, ep_size: int, out_dir: str, resume_from: str | None) -> None:
@@ -114,10 +175,13 @@ def train_run(world: int, ep_size: int, out_dir: str, resume_from: str | None) -
 
 
 def source_then_resume(rank: int, world: int, root: str) -> dict:
-    """At (4, ep 4): the exact checkpoint with its reference, and the uninterrupted run; then resume at (4, dp 2 x ep 2)."""
-    write_reference(rank, world, world, root)
+    """At (4, ep 4): the exact checkpoint with its reference, the uninterrupted run; then resume at (4, dp 2 x ep 2).
+
+    Then a damaged copy of the exact checkpoint is loaded at (4, dp 2 x ep 2) (``damaged_load_error``).
+    """
+    saved = write_reference(rank, world, world, root)
     train_run(world, world, str(Path(root) / "uninterrupted"), None)
-    return resume_layout(rank, world, 2, root)
+    return dict(resume_layout(rank, world, 2, root), saved=saved, **damaged_load_error(rank, world, 2, root))
 
 
 def resume_layout(rank: int, world: int, ep_size: int, root: str) -> dict:
@@ -126,3 +190,4 @@ def resume_layout(rank: int, world: int, ep_size: int, root: str) -> dict:
     train_run(world, ep_size, str(Path(root) / f"resumed_w{world}_ep{ep_size}"),
               str(Path(root) / "uninterrupted" / "ckpt" / f"step_{RESUME_AT:04d}"))
     return result
+

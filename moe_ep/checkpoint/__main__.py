@@ -4,6 +4,11 @@
     python -m moe_ep.checkpoint convert --to moe_ep runs/tiny-ds runs/tiny/from-ds [--tag TAG]
     python -m moe_ep.checkpoint convert --to hf runs/tiny/ckpt/step_0300 runs/tiny/moe_blocks.safetensors
 
+A target that exists and is not empty is refused unless ``--overwrite``, and
+even then only one of its kind is replaced (a moe_ep checkpoint with a valid
+manifest, a DeepSpeed tag folder of model-state files, a file); nothing else
+is removed.
+
 ``--to moe_ep`` reads a DeepSpeed checkpoint folder (``latest`` names the
 tag unless ``--tag``); its model config comes from the client state
 launch/ds_train.py writes, or from ``--model-config FILE.json``
@@ -30,15 +35,17 @@ def main(argv=None) -> None:
     convert.add_argument("--tag", default=None, help="DeepSpeed tag (default: the source folder's name / latest)")
     convert.add_argument("--model-config", type=Path, default=None,
                          help="JSON ModelConfig for --to moe_ep when the DeepSpeed checkpoint holds none")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing target of the same kind (never any other folder or file)")
     args = parser.parse_args(argv)
     try:
         if args.to == "deepspeed":
-            print(f"wrote {to_deepspeed(args.src, args.dst, args.tag)}")
+            print(f"wrote {to_deepspeed(args.src, args.dst, args.tag, args.overwrite)}")
         elif args.to == "moe_ep":
             config = json.loads(args.model_config.read_text()) if args.model_config else None
-            print(f"wrote {from_deepspeed(args.src, args.dst, args.tag, config)}")
+            print(f"wrote {from_deepspeed(args.src, args.dst, args.tag, config, args.overwrite)}")
         else:
-            keys = to_hf(args.src, args.dst)
+            keys = to_hf(args.src, args.dst, args.overwrite)
             print(f"wrote {args.dst}: {len(keys)} tensors of the MoE blocks (attention, norms and embeddings "
                   f"have no DeepSeek counterpart and are not included)")
     except CheckpointError as exc:

@@ -16,6 +16,8 @@ What a resume at another layout restores, and what it checks:
   that ``batch_size * world_size`` equals the checkpoint's (checked);
 * the model config and the trajectory fields of ``TrainConfig``
   (``TRAJECTORY_FIELDS``) must equal the checkpoint's;
+* dtypes: floating-point tensors are cast to the model's (a student saved in
+  bf16 resumes in fp32, ``load_model`` builds fp32 and the distiller casts);
 * RNG: at the same world size every rank gets back its own generator state,
   so a resumed run draws the same numbers as one that never stopped. At
   another world size there is no such correspondence (the only training-time
@@ -23,12 +25,17 @@ What a resume at another layout restores, and what it checks:
   rank seeds its generator from (seed, step, rank) instead: with
   ``router_jitter = 0``, as in every model preset, no draw happens in training
   and the resumed losses match the uninterrupted run's.
+
+Integrity (``integrity.py``): on save each rank checksums the files it wrote;
+on load each rank checks a share of the files, every rank raises the same
+first error, and only then is ``.metadata`` parsed, once per rank, and
+checked to name exactly the files the manifest covers.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -36,15 +43,18 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata
 
 from ..data import BatchSampler
 from ..parallel.state import ParallelState
-from .manifest import MANIFEST, CheckpointError, read_manifest, step_dir, verify_files, write_manifest
+from .folders import clear_folder, is_checkpoint_file
+from .integrity import checksums, on_every_rank, verify_files
+from .manifest import MANIFEST, METADATA, CheckpointError, read_manifest, step_dir, write_manifest
 from .storage import load_tensors, read_metadata, save_tensors
 from .tensors import MODEL, OPTIM, FlatState, restore_rng, rng_tensors
 
 if TYPE_CHECKING:
-    from ..models import MoETransformerLM
+    from ..models import ModelConfig, MoETransformerLM
     from ..training.config import TrainConfig
 
 # The TrainConfig fields that shape the parameters a run produces: a resumed run must use the checkpoint's
@@ -75,8 +85,11 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     """Write ``model`` (and ``optimizer`` state, RNG states) into ``folder``, manifest last (collective).
 
     ``fields``: the manifest's ``step``, ``train_config`` and ``data``. An
-    existing folder of the same name is replaced (its manifest removed first,
-    so it is never seen complete with mixed contents).
+    existing folder of the same name is replaced only when it holds nothing
+    but checkpoint files (a complete checkpoint or a save cut short): they
+    are removed, manifest first, so it is never seen complete with mixed
+    contents. Any other entry raises ``CheckpointError`` on every rank and
+    nothing is removed (``folders.clear_folder``).
     """
     folder = Path(folder)
     rank = _rank(parallel)
@@ -89,17 +102,21 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     if rng:
         tensors.update(rng_tensors(rank))
         contents.append("rng")
-    if rank == 0:
-        if folder.exists():
-            (folder / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    _barrier(parallel)
-    save_tensors(tensors, folder, _group(parallel))
-    _barrier(parallel)  # every rank's files are on disk before the manifest marks the folder complete
+    group = _group(parallel)
+
+    def make_room() -> None:
+        if rank == 0:
+            clear_folder(folder, is_checkpoint_file, "moe_ep checkpoint")
+
+    on_every_rank(make_room, group)  # also the barrier before anyone writes
+    written = save_tensors(tensors, folder, group)
+    own = written + [METADATA] if rank == 0 else written  # .metadata: written by rank 0, DCP's coordinator
+    files = {}
+    for table in on_every_rank(lambda: checksums(folder, own), group):  # all files on disk, each hashed once
+        files.update(table)
     if rank == 0:
         write_manifest(folder, dict(fields, contents=contents, layout=layout_of(parallel),
-                                    model_config=model.config.to_dict()))
+                                    model_config=model.config.to_dict()), files)
     _barrier(parallel)
     return folder
 
@@ -116,21 +133,72 @@ def _as_json(value):
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Each nested field on which ``saved`` and ``current`` differ, a field missing on one side included."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+        if key not in saved or key not in current:
+            where = "the checkpoint" if key not in saved else "this run's config"
+            out.append(f"{prefix}{key}: not in {where}")
+        elif isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
     return out
 
 
-def open_checkpoint(folder: Path) -> dict:
-    """The manifest of ``folder`` after checking every file's size and checksum against it."""
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint folder whose files were checked: its manifest and its parsed DCP metadata."""
+
+    folder: Path
+    manifest: dict
+    metadata: Metadata
+
+
+def open_checkpoint(folder: Path, parallel: ParallelState) -> OpenCheckpoint:
+    """Read ``folder``'s manifest, check its files, parse its DCP metadata once (collective over ``parallel``).
+
+    Each rank checks the size and SHA-256 of its share of the files
+    (``integrity.share``); any failure is raised on every rank, naming the
+    file, before anything is deserialised. The metadata must name exactly
+    the files the manifest covers.
+    """
+    folder = Path(folder)
     manifest = read_manifest(folder)
-    verify_files(folder, manifest)
-    return manifest
+    files = manifest["files"]
+    verify_files(folder, files, _group(parallel))
+    metadata = read_metadata(folder)
+    named = {METADATA} | {info.relative_path for info in metadata.storage_data.values()}
+    for names, why in ((named - set(files), f"which {METADATA} names, is not covered by {MANIFEST}"),
+                       (set(files) - named, f"is listed in {MANIFEST} but {METADATA} does not name it")):
+        if names:
+            raise CheckpointError(f"{folder / sorted(names)[0]}: {why}")
+    return OpenCheckpoint(folder, manifest, metadata)
+
+
+def model_config_from(values, where: str) -> ModelConfig:
+    """``ModelConfig.from_dict(values)``, else ``CheckpointError`` naming ``where`` and the field at fault.
+
+    Every field of ``ModelConfig`` and of its ``moe`` entry must be present
+    (a default would silently stand in for the writer's value) and no other;
+    the values must pass their validation.
+    """
+    from ..config import MoEConfig
+    from ..models import ModelConfig
+
+    moe = values.get("moe") if isinstance(values, dict) else None
+    for prefix, cls, given in (("model_config", ModelConfig, values), ("model_config.moe", MoEConfig, moe)):
+        if not isinstance(given, dict):
+            raise CheckpointError(f"{where}: field {prefix} is missing or not an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for what, odd in (("missing", names - set(given)), ("unknown", set(given) - names)):
+            if odd:
+                raise CheckpointError(f"{where}: field {prefix}.{sorted(odd)[0]} is {what}")
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: field model_config is invalid: {exc}") from exc
 
 
 def _model_targets(flat: FlatState, saved_keys: set, folder: Path) -> dict:
@@ -149,11 +217,15 @@ def load_weights(folder: Path, model: nn.Module, parallel: ParallelState) -> dic
     may hold no other model tensor; config fields that shape no tensor (eval
     capacity, routing coefficients...) may differ from the manifest's.
     """
-    manifest = open_checkpoint(folder)
+    checkpoint = open_checkpoint(folder, parallel)
+    _load_model_tensors(checkpoint, model, parallel)
+    return checkpoint.manifest
+
+
+def _load_model_tensors(checkpoint: OpenCheckpoint, model: nn.Module, parallel: ParallelState) -> None:
     flat = FlatState(model, parallel)
-    saved = read_metadata(folder).state_dict_metadata
-    load_tensors(_model_targets(flat, set(saved), Path(folder)), Path(folder), _group(parallel))
-    return manifest
+    targets = _model_targets(flat, set(checkpoint.metadata.state_dict_metadata), checkpoint.folder)
+    load_tensors(targets, checkpoint.folder, checkpoint.metadata, _group(parallel))
 
 
 def load_model(folder: Path, parallel: Optional[ParallelState] = None, **moe_overrides) -> "MoETransformerLM":
@@ -163,14 +235,15 @@ def load_model(folder: Path, parallel: Optional[ParallelState] = None, **moe_ove
     fields of the saved config that shape no tensor (e.g.
     ``eval_capacity_factor=None``). Collective over ``parallel``'s world.
     """
-    from ..models import ModelConfig, MoETransformerLM
+    from ..models import MoETransformerLM
 
     parallel = parallel or ParallelState()
-    config = ModelConfig.from_dict(read_manifest(folder)["model_config"])
+    checkpoint = open_checkpoint(folder, parallel)
+    config = model_config_from(checkpoint.manifest["model_config"], str(checkpoint.folder / MANIFEST))
     if moe_overrides:
         config = config.replace(moe=config.moe.replace(**moe_overrides))
     model = MoETransformerLM(config, parallel)
-    load_weights(folder, model, parallel)
+    _load_model_tensors(checkpoint, model, parallel)
     return model
 
 
@@ -200,14 +273,19 @@ def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler
     when the checkpoint is incomplete, damaged, holds no optimizer state, or
     belongs to another model, data or trajectory (see the module docstring).
     """
-    folder = Path(folder)
-    manifest = open_checkpoint(folder)
+    checkpoint = open_checkpoint(folder, parallel)
+    folder, manifest = checkpoint.folder, checkpoint.manifest
     diff = _differences(manifest["model_config"], _as_json(model.config.to_dict()))
     if diff:
         raise CheckpointError(f"{folder / MANIFEST}: the model config differs from this run's: " + "; ".join(diff))
-    if "optimizer" not in manifest["contents"] or manifest.get("train_config") is None:
+    if "optimizer" not in manifest["contents"] or manifest["train_config"] is None or manifest["data"] is None:
         raise CheckpointError(f"{folder}: holds {manifest['contents']} without a training state (converted "
                               f"weights?); it can initialise a model but not resume training")
+    for field, saved_values, needed in (("train_config", manifest["train_config"], TRAJECTORY_FIELDS),
+                                        ("data", manifest["data"], sampler.state_dict(0))):
+        missing = [k for k in needed if k not in saved_values]
+        if missing:
+            raise CheckpointError(f"{folder / MANIFEST}: field {field}.{missing[0]} is missing")
     changed = [f"{k}: checkpoint {manifest['train_config'][k]!r}, this run {getattr(cfg, k)!r}"
                for k in TRAJECTORY_FIELDS if manifest["train_config"][k] != _as_json(getattr(cfg, k))]
     if changed:
@@ -219,13 +297,13 @@ def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler
 
     rank = _rank(parallel)
     flat = FlatState(model, parallel)
-    saved = read_metadata(folder).state_dict_metadata
+    saved = checkpoint.metadata.state_dict_metadata
     targets = _model_targets(flat, set(saved), folder)
     optim_targets, optim_state = flat.optimizer_targets({k: m for k, m in saved.items() if k.startswith(OPTIM)})
     same_world = manifest["layout"]["world_size"] == parallel.world_size
     rng = {k: torch.empty_like(v) for k, v in rng_tensors(rank).items()
            if k in saved} if same_world and "rng" in manifest["contents"] else {}
-    load_tensors({**targets, **optim_targets, **rng}, folder, _group(parallel))
+    load_tensors({**targets, **optim_targets, **rng}, folder, checkpoint.metadata, _group(parallel))
     if rng:
         restore_rng(rng, rank)
     else:

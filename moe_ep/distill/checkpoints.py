@@ -4,8 +4,10 @@ The format is ``moe_ep.checkpoint``'s (``OUT/ckpt/step_XXXX``: sharded
 ``torch.distributed.checkpoint`` files and ``manifest.json``). A teacher saved
 at any layout is read at this process's layout with ``load_model`` (each
 rank reads its own expert rows). A student is saved with
-``save_checkpoint``, so ``launch/train.py --resume`` can continue it and
-``load_lm_checkpoint`` reads it back.
+``save_checkpoint`` in the dtype it was trained in, so ``launch/train.py
+--resume`` can continue it and ``load_lm_checkpoint`` reads it back: loading
+casts floating-point tensors to the model's dtype (a bf16 student resumes in
+fp32; a teacher is built in fp32, then cast to ``--teacher-dtype``).
 """
 from __future__ import annotations
 
