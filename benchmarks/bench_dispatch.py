@@ -88,7 +88,7 @@ def _bench_overlap(rank: int, world: int, args: dict) -> list[dict]:
         x = torch.randn(args["tokens"], cfg.hidden_size, requires_grad=True)
         result = {"routing": name, "tokens_per_rank": args["tokens"]}
         for overlap in (True, False):
-            layer.dispatcher.overlap = overlap
+            layer.dispatcher.overlap_shared = overlap
             tag = "overlap" if overlap else "serial"
             result[f"fwd_s_{tag}"], result[f"fwdbwd_s_{tag}"] = _fwd_times(layer, x, args["iters"])
         stats = layer.last_stats.as_dict()

@@ -93,7 +93,7 @@ def over_ranks(values: list[float], op: str) -> list[float]:
 
 
 # ------------------------------------------------------------------ phases
-COMM_OPS = ("all_to_all", "alltoall", "wait_tensor")  # op names of the all-to-alls (issue, wait), any backend
+COMM_OPS = ("all_to_all", "alltoall", "moe_ep.a2a_wait")  # names of the all-to-alls' issue ops and waits
 
 
 def _union_us(ranges: list[tuple[float, float]]) -> float:

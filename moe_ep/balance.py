@@ -24,7 +24,7 @@ import torch
 from .config import MoEConfig
 from .losses import comm_balance_loss, device_balance_loss, expert_balance_loss, router_z_loss, switch_balance_loss
 from .parallel.state import ParallelState
-from .router import Routing
+from .router import Routing, destination_hits
 
 
 @dataclass
@@ -76,9 +76,7 @@ class GlobalCounts:
 
 def device_hits(topk_idx_TK: torch.Tensor, n_experts: int, n_devices: int) -> torch.Tensor:
     """Bool [T, D]: token t has at least one selected expert on device d."""
-    T = topk_idx_TK.shape[0]
-    hit_TD = torch.zeros(T, n_devices, dtype=torch.bool, device=topk_idx_TK.device)
-    return hit_TD.scatter_(1, topk_idx_TK // (n_experts // n_devices), True)
+    return destination_hits(topk_idx_TK // (n_experts // n_devices), n_devices)
 
 
 def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torch.Tensor, n_seq: int,

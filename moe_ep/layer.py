@@ -177,14 +177,14 @@ class MoELayer(nn.Module):
         routing = self.router(x_TH)
         rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
         x_TH = x_TH.to(expert_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
-        overlap = None
+        shared = None
         if self.shared_experts is not None:  # on a GPU: a side stream, joined before the sum
-            overlap = lambda: self.side_stream.launch(self.shared_experts, x_TH)  # noqa: E731
+            shared = lambda: self.side_stream.launch(self.shared_experts, x_TH)  # noqa: E731
         result = self.dispatcher(x_TH, routing.topk_idx_TK, routing.topk_weight_TK, keys, rule,
-                                 self.experts, overlap)
+                                 self.experts, shared)
         y_TH = result.y_TH
-        if result.overlap_out is not None:
-            y_TH = y_TH + self.side_stream.join(result.overlap_out)
+        if result.side_out is not None:
+            y_TH = y_TH + self.side_stream.join(result.side_out)
 
         nonfinite_C = count_nonfinite(x_TH, routing.logits_TE, y_TH) if cfg.check_finite else None
         counts = global_counts(routing, result.keep_TK, result.processed_pairs, n_seq, self.n_devices,

@@ -40,6 +40,16 @@ class Routing:
     topk_weight_TK: torch.Tensor
 
 
+def destination_hits(dest_TK: torch.Tensor, n_dest: int) -> torch.Tensor:
+    """Bool ``[T, n_dest]``: token t has a slot bound for destination d (slots with ``dest = n_dest`` go nowhere).
+
+    With ``dest = expert // (E / D)`` the destinations are the D device groups
+    (or ranks, or nodes) holding contiguous blocks of experts.
+    """
+    hit_TD = torch.zeros(dest_TK.shape[0], n_dest + 1, dtype=torch.bool, device=dest_TK.device)
+    return hit_TD.scatter_(1, dest_TK, True)[:, :n_dest]
+
+
 def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, method: str,
                        group_score_k: int) -> torch.Tensor:
     """Boolean mask [T, E] of experts inside each token's ``topk_group`` best groups.

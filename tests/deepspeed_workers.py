@@ -286,3 +286,17 @@ def checkpoint_conversion(rank: int, world: int, root: str) -> dict:
     fresh_engine.load_checkpoint(str(Path(root) / "converted"), tag="c", load_module_only=True)
     return dict(keys_equal=sorted(from_engine) == sorted(full), from_engine_diff=_max_diff(full, from_engine),
                 before_load_diff=before, engine_load_diff=_max_diff(_state(model), _state(fresh)))
+
+
+def traffic_under_rank_order(rank: int, world: int, data_before_expert: bool) -> dict:
+    """Nodes spanned and traffic counters of an ep=2 layer on DeepSpeed's groups in the given rank order."""
+    from moe_ep import MoEConfig, MoELayer
+    from moe_ep.integrations.deepspeed import deepspeed_parallel_state
+
+    parallel = deepspeed_parallel_state(2, use_data_before_expert_parallel_=data_before_expert)
+    layer = MoELayer(MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2),
+                     parallel)
+    layer(torch.randn(32, 16, generator=torch.Generator().manual_seed(rank)))
+    traffic = {k: int(v) for k, v in layer.last_stats.as_dict().items() if k.endswith("rows_sent")}
+    return dict(nodes=parallel.nodes, ep_group=torch.distributed.get_process_group_ranks(parallel.ep_group),
+                **traffic)

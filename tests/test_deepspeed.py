@@ -201,3 +201,12 @@ def test_ds_train_continues_from_a_moe_ep_checkpoint(plain_run, tmp_path):
     assert [r["step"] for r in ds] == [2, 4]
     for record in ds:
         _assert_records_match(record, plain[record["step"]])
+
+
+def test_traffic_counters_follow_deepspeeds_rank_order():
+    """DeepSpeed's ``use_data_before_expert_parallel_`` order on 2 emulated nodes x 2 ranks builds EP groups
+    {0, 2} and {1, 3}, which span both nodes: every row to the other EP rank is inter-node (the default order's
+    groups {0, 1}, {2, 3} would stay inside one node, as every other test here has them)."""
+    for r in run_on_ranks(workers.traffic_under_rank_order, 4, True, timeout=180, env=dict(LOCAL_WORLD_SIZE="2")):
+        assert len({g // 2 for g in r["ep_group"]}) == 2 and r["nodes"] == 2, r
+        assert r["internode_rows_sent"] > 0 and r["intranode_rows_sent"] == 0, r

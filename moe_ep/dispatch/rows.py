@@ -1,4 +1,4 @@
-"""Building blocks of the all-to-all dispatchers: keep decisions, row plans, hops.
+"""Where rows are handled: keep decisions, row plans, hops, and the experts applied to received rows.
 
 A *row plan* turns the K slots of each source row into one row per (source
 row, destination) that holds at least one kept pair:
@@ -9,67 +9,80 @@ row, destination) that holds at least one kept pair:
 A *hop* is one all-to-all of a plan over a process group: the row counts
 first (8 bytes per destination, synchronised to the host), then the rows
 ``x[s]`` and their routing rows, and, on the way back, the results summed per
-source row. The flat dispatcher makes one hop (destination = EP rank); the
-two-hop dispatcher makes two (destination = node, then rank within the node).
-Rows and routing rows go through the autograd-aware functional all-to-all, so
-gradients flow back through every hop.
+source row. Rows and routing rows go through the differentiable c10d
+all-to-all of ``exchange.RowExchange``, so gradients flow back through every
+hop. ``apply_experts`` runs the experts on (row, local expert) pairs: on the
+rows that arrived, or on the tokens themselves when no hop is made.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.profiler import record_function
 
 from ..dropping import DropRule, PairKeys
-from .local import apply_experts
+from ..parallel.links import LinkRoute
+from ..router import destination_hits
+from .exchange import RowExchange, exchange, exchange_counts
 
 
-def exchange(tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-             group: dist.ProcessGroup) -> torch.Tensor:
-    """Non-differentiable uneven all-to-all of rows."""
-    out = tensor.new_empty(sum(recv_counts), *tensor.shape[1:])
-    dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
-    return out
+@dataclass
+class DispatchResult:
+    """y_TH: routed output; keep_TK: which of this rank's pairs were kept;
+    side_out: what the side work (``Dispatcher.__call__``'s ``side_work``)
+    returned; processed_pairs: (row, expert) pairs this rank's experts
+    computed (0-d int64), counted where the experts run, independently of
+    ``keep_TK``; traffic: per-rank message sizes (empty on one process)."""
+
+    y_TH: torch.Tensor
+    keep_TK: torch.Tensor
+    side_out: Optional[torch.Tensor]
+    processed_pairs: torch.Tensor
+    traffic: dict = field(default_factory=dict)
 
 
-def exchange_counts(send_D: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Per-destination counts out, per-source counts in (one int64 each)."""
-    recv_D = torch.empty_like(send_D)
-    dist.all_to_all_single(recv_D, send_D, group=group)
-    return recv_D
+def apply_experts(x_SH: torch.Tensor, src_R: torch.Tensor, expert_R: torch.Tensor, weight_R: torch.Tensor,
+                  experts) -> torch.Tensor:
+    """Weighted expert outputs summed per source row.
+
+        y_S[s] = sum_{r : src_R[r] = s} FFN_{expert_R[r]}(x_S[s]) * weight_R[r]
+
+    The pairs are stably sorted by (local) expert; the experts read their rows
+    of ``x_SH`` through that index (no gathered copy is kept for backward).
+    """
+    order_R = torch.argsort(expert_R, stable=True)
+    counts_E = torch.bincount(expert_R, minlength=experts.num_local_experts)
+    return experts(x_SH, src_R[order_R], counts_E, weight_R[order_R])
 
 
 def decide_keep(keys: PairKeys, rule: DropRule, owner_P: torch.Tensor, n_owners: int,
-                group: dist.ProcessGroup) -> torch.Tensor:
+                group: Optional[dist.ProcessGroup], route: Optional[LinkRoute] = None) -> torch.Tensor:
     """Keep flag of each pair, decided by the rank owning its expert (``owner_P``, a rank of ``group``).
 
     The owners receive the ranking keys of every pair bound for their experts
     (whole buckets: the global view), apply ``rule`` exactly as the
     single-process layer does, and return one flag per pair. No hidden state
-    moves before this.
+    moves before this. One owner (no group): ``rule(keys)`` here. ``route``:
+    the group's node layout, for the emulated links.
     """
+    if n_owners == 1:
+        return rule(keys)
     order_P = torch.argsort(owner_P, stable=True)
     send_D = torch.bincount(owner_P, minlength=n_owners)
-    recv_D = exchange_counts(send_D, group)
+    recv_D = exchange_counts(send_D, group, route)
     send, recv = send_D.tolist(), recv_D.tolist()
     packed_P5 = torch.stack([keys.expert_P.double(), keys.affinity_P.double(), keys.protected_P.double(),
                              keys.token_P.double(), keys.slot_P.double()], dim=1)[order_P]
-    got = exchange(packed_P5, send, recv, group)
+    got = exchange(packed_P5, send, recv, group, route, "keys")
     received = PairKeys(expert_P=got[:, 0].long(), affinity_P=got[:, 1], protected_P=got[:, 2].bool(),
                         token_P=got[:, 3].long(), slot_P=got[:, 4].long())
-    keep_back = exchange(rule(received).to(torch.uint8), recv, send, group)
+    keep_back = exchange(rule(received).to(torch.uint8), recv, send, group, route, "keep")
     keep_P = torch.empty_like(keep_back)
     keep_P[order_P] = keep_back
     return keep_P.bool()
-
-
-def destination_hits(dest_SK: torch.Tensor, n_dest: int) -> torch.Tensor:
-    """Bool ``[S, n_dest]``: row s has a slot bound for d (slots with ``dest = n_dest`` go nowhere)."""
-    hit_SD = torch.zeros(dest_SK.shape[0], n_dest + 1, dtype=torch.bool, device=dest_SK.device)
-    return hit_SD.scatter_(1, dest_SK, True)[:, :n_dest]
 
 
 def route_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -118,43 +131,61 @@ def plan_rows(dest_SK: torch.Tensor, expert_SK: torch.Tensor, weight_SK: torch.T
 
 
 class Hop:
-    """One all-to-all of a row plan over ``group`` (collective: exchanges the counts on construction)."""
+    """One all-to-all of a row plan over a hop level's group, both ways, each way in two halves.
 
-    def __init__(self, plan: RowPlan, group: dist.ProcessGroup):
-        self.plan, self.group = plan, group
-        self.send_D = plan.send_D
-        self.recv_D = exchange_counts(self.send_D, group)
-        self.send, self.recv = self.send_D.tolist(), self.recv_D.tolist()
+    ``recv_D``: the rows each source sends here (from ``open_hops``).
+    ``send`` issues the rows and routing rows, ``receive`` completes them;
+    ``send_back`` issues the results, ``receive_back`` completes them and
+    sums them per source row. The caller may compute between the halves
+    (the dispatcher's pipeline). ``label`` names the hop in the emulated
+    links' timeline.
+    """
 
-    def dispatch(self, x_SH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Issue the rows ``x_SH[src_R]`` and their routing rows; returns what arrives (rows, routing rows)."""
+    def __init__(self, plan: RowPlan, group: dist.ProcessGroup, route: Optional[LinkRoute], label: str,
+                 recv_D: torch.Tensor):
+        self.plan, self.group, self.route, self.label = plan, group, route, label
+        self.send_D, self.recv_D = plan.send_D, recv_D
+        self.send_counts, self.recv_counts = self.send_D.tolist(), recv_D.tolist()
+
+    def send(self, x_SH: torch.Tensor) -> tuple[tuple[RowExchange, torch.Tensor], ...]:
+        """Issue ``x_SH[src_R]`` and the routing rows."""
         with record_function("moe_ep.dispatch"):
-            return self._dispatch(x_SH)
+            rows = RowExchange(self.send_counts, self.recv_counts, self.group, self.route, self.label + ".dispatch")
+            routes = RowExchange(self.send_counts, self.recv_counts, self.group, self.route, self.label + ".route")
+            return (rows, rows.issue(x_SH[self.plan.src_R])), (routes, routes.issue(self.plan.route_RK2))
 
-    def _dispatch(self, x_SH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_recv = all_to_all_single_autograd(x_SH[self.plan.src_R], self.recv, self.send, self.group)
-        route_recv = all_to_all_single_autograd(self.plan.route_RK2, self.recv, self.send, self.group)
-        return x_recv, route_recv
+    @staticmethod
+    def receive(pending: tuple[tuple[RowExchange, torch.Tensor], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What arrived: (rows, routing rows)."""
+        with record_function("moe_ep.dispatch"):
+            (rows, x_pending), (routes, route_pending) = pending
+            return rows.wait(x_pending), routes.wait(route_pending)
 
-    def combine(self, y_recv: torch.Tensor, n_src: int) -> torch.Tensor:
-        """Send the received rows' results back and sum them per source row: ``[n_src, H]``."""
+    def send_back(self, y_recv: torch.Tensor) -> tuple[RowExchange, torch.Tensor]:
+        """Issue the received rows' results back to their senders."""
         with record_function("moe_ep.combine"):
-            y_back = all_to_all_single_autograd(y_recv, self.send, self.recv, self.group)
+            back = RowExchange(self.recv_counts, self.send_counts, self.group, self.route, self.label + ".combine")
+            return back, back.issue(y_recv)
+
+    def receive_back(self, pending: tuple[RowExchange, torch.Tensor], n_src: int) -> torch.Tensor:
+        """The results summed per source row: ``[n_src, H]``."""
+        with record_function("moe_ep.combine"):
+            back, y_pending = pending
+            y_back = back.wait(y_pending)
             return y_back.new_zeros(n_src, y_back.shape[1]).index_add_(0, self.plan.src_R, y_back)
 
 
-def run_received(x_recv: torch.Tensor, route_recv: torch.Tensor, K: int, experts) -> tuple[torch.Tensor, int]:
-    """Expand received rows to (row, local expert) pairs and run ``apply_experts``.
+def open_hops(plans: list[RowPlan], group: dist.ProcessGroup, route: Optional[LinkRoute],
+              labels: list[str]) -> list[Hop]:
+    """The hops of several plans over one group, their counts exchanged in one all-to-all (collective).
 
-    Returns the weighted sums per received row and the number of pairs computed.
-    The received buffers become plain tensors first (kernels read their data
-    pointers; ``wait_tensor`` keeps autograd, an ``AsyncCollectiveTensor`` does not expose them).
+    Every rank passes the same number of plans. Destination d receives the
+    counts of all plans as one block, ``[n_plans]`` per source.
     """
-    x_recv, route_recv = wait_tensor(x_recv), wait_tensor(route_recv)
-    weight_SK, local_SK = split_route(route_recv, K)
-    src_P, slot_P = (local_SK >= 0).nonzero(as_tuple=True)
-    y_recv = apply_experts(x_recv, src_P, local_SK[src_P, slot_P], weight_SK[src_P, slot_P], experts)
-    return y_recv, src_P.numel()
+    send_DC = torch.stack([plan.send_D for plan in plans], dim=1)
+    ones = [1] * send_DC.shape[0]
+    recv_DC = exchange(send_DC, ones, ones, group, route, "counts")
+    return [Hop(plan, group, route, label, recv_DC[:, c]) for c, (plan, label) in enumerate(zip(plans, labels))]
 
 
 def traffic(rows_sent: torch.Tensor, rows_received: torch.Tensor, internode_rows: torch.Tensor,

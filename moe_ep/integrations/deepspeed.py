@@ -55,7 +55,7 @@ from ..layer import MoELayer
 from ..model_moe import discard_moe_pending, moe_layers, update_moe_bias
 from ..parallel.consistency import check_same_on_ranks
 from ..parallel.grads import clip_gradients
-from ..parallel.state import ParallelState, nodes_per_ep_group
+from ..parallel.state import ParallelState, nodes_spanned
 from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
 from ..training.optim import set_lr
 from ..training.step import StepResult, forward_backward, split_micro_batches
@@ -96,8 +96,11 @@ def parallel_state_from_groups(ep_size: int, nodes: Optional[int] = None) -> Par
     the state agrees with DeepSpeed's layout whichever ordering created them
     (by default EP groups are consecutive ranks and expert-data-parallel
     groups strided, the layout of ``init_expert_parallel``'s mesh).
-    ``nodes`` (nodes one EP group spans) defaults as in
-    ``init_expert_parallel``: ``ep_size / LOCAL_WORLD_SIZE`` when larger than 1.
+    ``nodes`` (nodes one EP group spans) defaults to the nodes its members'
+    global ranks lie on (``LOCAL_WORLD_SIZE`` ranks per node;
+    ``moe_ep.parallel.state.nodes_spanned``), so the node layout, and with
+    it the inter-/intra-node traffic counters, is right in either of
+    DeepSpeed's rank orders; every rank must find the same count.
     """
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
@@ -111,7 +114,13 @@ def parallel_state_from_groups(ep_size: int, nodes: Optional[int] = None) -> Par
                            f"expected {ep_size}")
     if nodes is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        nodes = nodes_per_ep_group(ep_size, local)
+        try:
+            nodes = nodes_spanned(dist.get_process_group_ranks(ep_group), local)
+        except ValueError as err:
+            nodes, layout_error = 0, err
+        check_same_on_ranks(f"DeepSpeed expert groups {name!r}", dict(nodes_spanned=nodes))
+        if nodes == 0:
+            raise layout_error
     return ParallelState(ep_size=ep_size, ep_rank=dist.get_rank(group=ep_group), dp_size=world // ep_size,
                          dp_rank=dist.get_rank(group=edp_group), nodes=nodes, ep_group=ep_group,
                          edp_group=edp_group, world_group=dist.group.WORLD)
@@ -263,7 +272,7 @@ class DeepSpeedMoE(MoE):
                              f"{state.ep_size}; build the model with deepspeed_parallel_state(ep_size)")
         layer.parallel = state
         layer.dispatcher = make_dispatcher(layer.config.dispatcher, state, self.num_experts,
-                                           overlap=getattr(layer.dispatcher, "overlap", True))
+                                           overlap_shared=layer.dispatcher.overlap_shared)
 
     # ----------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

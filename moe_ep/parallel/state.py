@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .consistency import check_same_on_ranks
+from .links import small_collective
 from .timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
 
 
@@ -78,17 +79,19 @@ class ParallelState:
         return self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank
 
     def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """In-place all-reduce over every rank (no-op on one process)."""
+        """In-place all-reduce over every rank (no-op on one process); latency-bound under emulated links."""
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=op, group=self.world_group)
+            with small_collective("all_reduce"):
+                dist.all_reduce(tensor, op=op, group=self.world_group)
         return tensor
 
     def all_gather_ep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every EP rank's ``tensor`` (same shape on all), concatenated along dim 0."""
+        """Every EP rank's ``tensor`` (same shape on all), concatenated along dim 0; latency-bound under emulated links."""
         if self.ep_size == 1:
             return tensor.clone()
         out = tensor.new_empty(self.ep_size * tensor.shape[0], *tensor.shape[1:])
-        dist.all_gather_single(out, tensor.contiguous(), group=self.ep_group)
+        with small_collective("all_gather"):
+            dist.all_gather_single(out, tensor.contiguous(), group=self.ep_group)
         return out
 
 
@@ -115,6 +118,28 @@ def nodes_per_ep_group(ep_size: int, ranks_per_node: int) -> int:
         raise ValueError(f"expert-parallel groups of {ep_size} ranks straddle nodes of {ranks_per_node} ranks "
                          f"(LOCAL_WORLD_SIZE); choose ep_size dividing it, or pass nodes= explicitly")
     return 1
+
+
+def nodes_spanned(global_ranks: list[int], ranks_per_node: int) -> int:
+    """Nodes an EP group spans, from its members' global ranks (in EP-rank order) and the ranks per node.
+
+    Global rank g sits on node ``g // ranks_per_node``. moe_ep's node layout
+    (EP rank r on the ``r // (ep / nodes)``-th node of the group: traffic
+    counters, node-limited routing, two-hop dispatch) must describe the real
+    one, so the group must be ``nodes`` equal blocks of consecutive EP ranks,
+    one block per node; otherwise this raises ``ValueError``. Any rank order
+    that builds EP groups from whole nodes or from parts of one node does
+    (consecutive ranks, or DeepSpeed's strided ``use_data_before_expert_parallel_``).
+    """
+    node_R = [g // ranks_per_node for g in global_ranks]
+    distinct = list(dict.fromkeys(node_R))
+    per_node = len(node_R) // len(distinct)
+    if len(node_R) % len(distinct) or node_R != [distinct[r // per_node] for r in range(len(node_R))]:
+        raise ValueError(f"the expert-parallel group of global ranks {global_ranks} lies on nodes {node_R} "
+                         f"({ranks_per_node} ranks per node): its ranks are not equal blocks of consecutive EP "
+                         f"ranks per node, so moe_ep cannot tell inter- from intra-node traffic; pass nodes= "
+                         f"explicitly or order the ranks by node")
+    return len(distinct)
 
 
 def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None,

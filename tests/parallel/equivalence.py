@@ -101,7 +101,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     assert not bad, f"rank {rank}: errors above {tol}: {bad}"
     with torch.no_grad():  # this rank's routing, for traffic bounds checked by the caller
         topk_idx = layer.router(x_r.reshape(-1, H)).topk_idx_TK
-    return {"errors": errors, "stats": stats, "dispatcher": type(layer.dispatcher).__name__,
+    return {"errors": errors, "stats": stats, "dispatcher": layer.dispatcher.kind,
             "topk_idx": topk_idx.tolist()}
 
 
