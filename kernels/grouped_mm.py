@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from .block_table import BlockConfig, choose_config, choose_weight_grad_config
 from .launchers import triton_launchers
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels multiply (accumulating in fp32)
 
 
 def check_counts(counts: torch.Tensor, num_experts: int, device: torch.device) -> None:
@@ -30,8 +30,8 @@ def check_counts(counts: torch.Tensor, num_experts: int, device: torch.device) -
 def _check_operands(x_TK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> None:
     if x_TK.dim() != 2 or w_EKN.dim() != 3 or x_TK.shape[1] != w_EKN.shape[1]:
         raise ValueError(f"expected x [T, K] and w [E, K, N], got {tuple(x_TK.shape)} and {tuple(w_EKN.shape)}")
-    if x_TK.dtype not in _DTYPES or w_EKN.dtype != x_TK.dtype:
-        raise TypeError(f"x and w must share one of {_DTYPES}, got {x_TK.dtype} and {w_EKN.dtype}")
+    if x_TK.dtype not in DTYPES or w_EKN.dtype != x_TK.dtype:
+        raise TypeError(f"x and w must share one of {DTYPES}, got {x_TK.dtype} and {w_EKN.dtype}")
     if w_EKN.device != x_TK.device:
         raise ValueError(f"x is on {x_TK.device} but w is on {w_EKN.device}")
     check_counts(counts_E, w_EKN.shape[0], x_TK.device)

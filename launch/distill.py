@@ -37,13 +37,15 @@ from moe_ep.data import VOCAB_SIZE, BatchSampler, load_corpus  # noqa: E402
 from moe_ep.distill import Distiller  # noqa: E402
 from moe_ep.distill.adapters import DTYPES, lm_shape  # noqa: E402
 from moe_ep.distill.loop import distill  # noqa: E402
-from moe_ep.distill.losses import DISTILL_METHODS  # noqa: E402
+from moe_ep.distill.checkpoints import checkpoint_folder  # noqa: E402
+from moe_ep.distill.losses import DISTILL_METHODS, DistillationLoss  # noqa: E402
 from moe_ep.models import MODEL_PRESETS, MoETransformerLM  # noqa: E402
-from moe_ep.training.cli import add_loop_arguments, loop_config  # noqa: E402
+from moe_ep.training.cli import (LOOP_FLAGS, add_layout_arguments, add_loop_arguments, blame,  # noqa: E402
+                                 check_layout_arguments, check_run_arguments, finite_float, flag_value, loop_config)
 from moe_ep.training.model_source import preset_config, run_record  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher folder (train.py run, checkpoint or transformers)")
     student = p.add_mutually_exclusive_group(required=True)
@@ -51,20 +53,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     student.add_argument("--student", help="student folder (train.py run, checkpoint or transformers)")
     p.add_argument("--moe", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an MoEConfig field of the student preset (repeatable)")
-    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size; must divide the world size")
-    p.add_argument("--nodes", type=int, default=None, help="nodes one EP group spans (default: LOCAL_WORLD_SIZE)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KD terms")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term; 1 - alpha: labels")
+    add_layout_arguments(p)
+    p.add_argument("--temperature", type=finite_float, default=2.0, help="softmax temperature T of the KD terms")
+    p.add_argument("--alpha", type=finite_float, default=0.5,
+                   help="weight of the distillation term; 1 - alpha: labels")
     p.add_argument("--method", default="kd", choices=DISTILL_METHODS, help="logit distillation loss")
-    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE")
-    p.add_argument("--attention-weight", type=float, default=0.0, help="weight of the attention-map KL")
-    p.add_argument("--relation-weight", type=float, default=0.0, help="weight of the token-relation MSE")
+    p.add_argument("--hidden-weight", type=finite_float, default=0.0, help="weight of the hidden-state MSE")
+    p.add_argument("--attention-weight", type=finite_float, default=0.0, help="weight of the attention-map KL")
+    p.add_argument("--relation-weight", type=finite_float, default=0.0, help="weight of the token-relation MSE")
     p.add_argument("--teacher-dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--student-dtype", default="float32", choices=sorted(DTYPES))
     add_loop_arguments(p, out_default="runs/distill")
+    return p
+
+
+# DistillationLoss argument -> its flag
+LOSS_FLAGS = {"temperature": "--temperature", "alpha": "--alpha", "hidden_loss_weight": "--hidden-weight",
+              "attention_loss_weight": "--attention-weight", "relation_loss_weight": "--relation-weight"}
+# What the Distiller refuses (one fp32 batch per step, no checkpointing): flag -> the only value it takes
+PLAIN_LOOP = {"--precision": "fp32", "--grad-accum": 1, "--activation-checkpointing": False}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, checked before any work (``moe_ep.training.cli``): one that cannot work exits with status 2."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.moe and not args.student_preset:
-        p.error("--moe overrides a --student-preset")
+        p.error("argument --moe: overrides a --student-preset")
+    for flag, folder in (("--teacher", args.teacher), ("--student", args.student)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            with blame(p, flag):
+                checkpoint_folder(Path(folder))
+    model = None
+    if args.student_preset:
+        with blame(p, "--moe"):
+            model = preset_config(args.student_preset, args.moe)
+    check_layout_arguments(p, args, model)
+    with blame(p, LOSS_FLAGS):
+        DistillationLoss(args.temperature, args.alpha, args.hidden_weight, args.attention_weight,
+                         args.relation_weight, args.method, layers=(1, 1), hidden_sizes=(1, 1))
+    for flag, plain in PLAIN_LOOP.items():
+        if flag_value(args, flag) != plain:
+            p.error(f"argument {flag}: distillation runs one fp32 batch per step without checkpointing; "
+                    f"leave {flag} at {plain}")
+    with blame(p, LOOP_FLAGS):
+        cfg = loop_config(args, model.max_seq_len) if model else loop_config(args)
+    check_run_arguments(p, args, cfg, model)
     return args
 
 

@@ -47,7 +47,9 @@ from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, deepspeed_p
                                            grad_clip_plan, moe_layers, optimizer_param_groups, train_step,
                                            undo_initial_optimizer_step, wrap_moe_layers)
 from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
-from moe_ep.training.cli import add_model_arguments, add_run_arguments, add_schedule_arguments  # noqa: E402
+from moe_ep.training.cli import (LOOP_FLAGS, add_model_arguments, add_run_arguments,  # noqa: E402
+                                 add_schedule_arguments, blame, check_checkpoint_folder, check_model_arguments,
+                                 check_run_arguments, seq_len)
 from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
 from moe_ep.training.model_source import build_model, default_seq_len, run_record, save_hf  # noqa: E402
 from moe_ep.training.optim import lr_at  # noqa: E402
@@ -56,7 +58,7 @@ _DEFAULTS = TrainConfig()
 CKPT_DIR = "ds_ckpt"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     add_model_arguments(p)
@@ -68,39 +70,80 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from a moe_ep checkpoint (launch/train.py's, any layout): weights, V3 bias, step "
                         "and data position; AdamW moments too when DeepSpeed runs torch's AdamW on the model's "
                         "parameters (ZeRO stage 0), else they restart from zero")
-    p = deepspeed.add_config_arguments(p)
+    return deepspeed.add_config_arguments(p)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags and the DeepSpeed config, checked before any work (``moe_ep.training.cli``): one that cannot work
+    exits with status 2."""
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.deepspeed_config:
-        p.error("--deepspeed_config is required (e.g. launch/ds_config.json)")
+        p.error("argument --deepspeed_config: is required (e.g. launch/ds_config.json)")
     if args.resume and args.init_from:
-        p.error("--resume (DeepSpeed's checkpoints) and --init-from (a moe_ep checkpoint) exclude each other")
+        p.error("argument --init-from: excludes --resume (--resume continues DeepSpeed's checkpoints, --init-from "
+                "a moe_ep checkpoint)")
+    model = check_model_arguments(p, args)
+    with blame(p, "--deepspeed_config"):
+        ds_config = read_ds_config(args.deepspeed_config)
+        grad_clip_plan(ds_config)
+        deepspeed_precision(ds_config)
+        ds_fields = config_fields(ds_config, args.deepspeed_config)
+    with blame(p, {**LOOP_FLAGS, **dict.fromkeys(ds_fields, "--deepspeed_config")}):
+        cfg = train_config(args, ds_fields, seq_len(args, default_seq_len(args)))
+    check_run_arguments(p, args, cfg, model)
+    if args.resume and not (Path(args.out) / CKPT_DIR / "latest").is_file():
+        p.error(f"argument --resume: no DeepSpeed checkpoint under {Path(args.out) / CKPT_DIR} (no 'latest' file)")
+    if args.init_from:
+        if args.hf_model:
+            p.error("argument --init-from: takes a moe_ep checkpoint of a preset model; it does not apply to "
+                    "--hf-model")
+        check_checkpoint_folder(p, "--init-from", args.init_from)
     return args
 
 
-def train_config(args: argparse.Namespace, ds_config: dict, seq_len: int) -> TrainConfig:
-    """The plain loop's ``TrainConfig`` with the optimizer settings read from the DeepSpeed config."""
+def read_ds_config(path: str) -> dict:
+    """The DeepSpeed config file as a dict; ``ValueError`` / ``OSError`` when it does not read as a JSON object."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
+
+
+def config_fields(ds_config: dict, path: str) -> dict:
+    """The ``TrainConfig`` fields the DeepSpeed config sets: batch per rank and step, micro-batches, AdamW settings,
+    clipping; ``ValueError`` naming ``path`` when it lacks them or they are not numbers."""
     optimizer = ds_config.get("optimizer", {})
     if optimizer.get("type", "").lower() not in ("adamw", "adam"):
-        raise SystemExit(f"{args.deepspeed_config}: optimizer.type must be AdamW (the plain loop's optimizer)")
+        raise ValueError(f"{path}: optimizer.type must be AdamW (the plain loop's optimizer)")
     params = optimizer.get("params", {})
     if "train_micro_batch_size_per_gpu" not in ds_config:
-        raise SystemExit(f"{args.deepspeed_config}: set train_micro_batch_size_per_gpu (sequences per rank)")
-    accum = int(ds_config.get("gradient_accumulation_steps", 1))
-    betas = params.get("betas", (_DEFAULTS.beta1, _DEFAULTS.beta2))
-    clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
-    # the plain loop's batch_size is per rank per optimizer step: the micro-batches of one step
-    return TrainConfig(steps=args.steps, batch_size=int(ds_config["train_micro_batch_size_per_gpu"]) * accum,
-                       grad_accum=accum, activation_checkpointing=args.activation_checkpointing,
-                       seq_len=seq_len, lr=float(params.get("lr", _DEFAULTS.lr)), min_lr_ratio=args.min_lr_ratio,
-                       warmup_steps=args.warmup, weight_decay=float(params.get("weight_decay", 0.0)),
-                       beta1=float(betas[0]), beta2=float(betas[1]), grad_clip=clip or None,
-                       log_every=args.log_every, val_every=args.val_every, ckpt_every=args.ckpt_every,
-                       val_batches=args.val_batches, seed=args.seed, out_dir=args.out)
+        raise ValueError(f"{path}: set train_micro_batch_size_per_gpu (sequences per rank)")
+    try:
+        accum = int(ds_config.get("gradient_accumulation_steps", 1))
+        beta1, beta2 = (float(b) for b in params.get("betas", (_DEFAULTS.beta1, _DEFAULTS.beta2)))
+        # the plain loop's batch_size is per rank per optimizer step: the micro-batches of one step
+        return dict(batch_size=int(ds_config["train_micro_batch_size_per_gpu"]) * accum, grad_accum=accum,
+                    lr=float(params.get("lr", _DEFAULTS.lr)), weight_decay=float(params.get("weight_decay", 0.0)),
+                    beta1=beta1, beta2=beta2, grad_clip=float(ds_config.get("gradient_clipping", 0.0) or 0.0) or None)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def train_config(args: argparse.Namespace, ds_fields: dict, seq_len: int) -> TrainConfig:
+    """The plain loop's ``TrainConfig``: the schedule and run flags, and ``ds_fields`` (``config_fields``)."""
+    return TrainConfig(steps=args.steps, activation_checkpointing=args.activation_checkpointing, seq_len=seq_len,
+                       min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, log_every=args.log_every,
+                       val_every=args.val_every, ckpt_every=args.ckpt_every, val_batches=args.val_batches,
+                       seed=args.seed, out_dir=args.out, **ds_fields)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    ds_config = read_ds_config(args.deepspeed_config)
     engine_config, manual_clip = grad_clip_plan(ds_config)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     precision = deepspeed_precision(ds_config)
@@ -111,7 +154,7 @@ def main(argv=None) -> None:
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = train_config(args, ds_config, args.seq_len or default_seq_len(args))
+    cfg = train_config(args, config_fields(ds_config, args.deepspeed_config), seq_len(args, default_seq_len(args)))
     out_dir = Path(cfg.out_dir)
 
     torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
@@ -120,8 +163,6 @@ def main(argv=None) -> None:
     sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
     restored = None
     if args.init_from:
-        if args.hf_model:
-            raise SystemExit("--init-from takes a moe_ep checkpoint of a preset model; it does not apply to --hf-model")
         restored = restore_training_state(Path(args.init_from), model, sampler, parallel, cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)

@@ -22,12 +22,14 @@ import torch.distributed as dist
 
 import moe_ep
 from moe_ep.data import BatchSampler
+from moe_ep.checkpoint import read_manifest
 from moe_ep.training import TrainConfig, latest_checkpoint, plot_run, train
-from moe_ep.training.cli import add_loop_arguments, add_model_arguments, loop_config
+from moe_ep.training.cli import (LOOP_FLAGS, add_loop_arguments, add_model_arguments, blame, check_model_arguments,
+                                 check_run_arguments, loop_config)
 from moe_ep.training.model_source import build_model, default_seq_len, run_record, save_hf
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     add_loop_arguments(p, out_default=TrainConfig().out_dir)
@@ -35,14 +37,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (default): continue from OUT/ckpt's latest complete checkpoint if there is one, "
                         "else start fresh; latest (bare --resume): the same but fail without one; none: start "
                         "fresh; CKPT_DIR: continue from that checkpoint (written at any layout)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, checked before any work (``moe_ep.training.cli``): one that cannot work exits with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    model = check_model_arguments(parser, args)
+    with blame(parser, LOOP_FLAGS):
+        cfg = loop_config(args, default_seq_len(args))
+    check_run_arguments(parser, args, cfg, model)
+    with blame(parser, "--resume"):
+        resume_point(args.resume, Path(args.out))
+    return args
 
 
 def setup_parallel(ep_size: int, nodes) -> tuple[moe_ep.ParallelState, torch.device]:
-    """The parallel state and this rank's device (torchrun) or a single process."""
+    """The parallel state and this rank's device (torchrun) or a single process.
+
+    ``ep_size`` and ``nodes`` as checked by ``moe_ep.training.cli.check_layout_arguments`` (1 without torchrun).
+    """
     if "RANK" not in os.environ:
-        if ep_size != 1:
-            raise SystemExit(f"--ep-size {ep_size} needs several processes: start with torchrun")
         return moe_ep.ParallelState(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -53,14 +69,15 @@ def setup_parallel(ep_size: int, nodes) -> tuple[moe_ep.ParallelState, torch.dev
 
 
 def resume_point(resume: str, out: Path):
-    """The checkpoint folder ``--resume`` names, or None to start fresh."""
+    """The checkpoint folder ``--resume`` names, or None to start fresh; ``ValueError`` if it names none."""
     if resume == "none":
         return None
     if resume in ("auto", "latest"):
         found = latest_checkpoint(out)
         if found is None and resume == "latest":
-            raise SystemExit(f"--resume: no complete checkpoint under {out / 'ckpt'}")
+            raise ValueError(f"no complete checkpoint under {out / 'ckpt'}")
         return found
+    read_manifest(Path(resume))  # a complete checkpoint, else CheckpointError naming the file
     return Path(resume)
 
 

@@ -9,7 +9,9 @@ docs/routing.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -25,6 +27,45 @@ DROP_POLICIES = ("affinity", "position")
 DISPATCHERS = ("auto", "flat", "hierarchical")
 _ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KINDS = {int: "an int", float: "a number", bool: "a bool", str: "a string"}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{field: (type, None allowed)}`` from a dataclass's annotations (``X``, ``Optional[X]`` or ``X | None``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        if type(None) in args:
+            (hint,) = [arg for arg in args if arg is not type(None)]
+        out[name] = hint, type(None) in args
+    return out
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    """``isinstance`` where a bool is no number (Python makes it an int) and an int is a valid float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ``ValueError`` ``<Class>.<field>: must be <type>, got <value> (<its type>)`` for the first field of
+    the dataclass ``config`` whose value does not have its annotated type (``_has_type``)."""
+    types = _field_types(type(config))
+    for field in dataclasses.fields(config):
+        kind, optional = types[field.name]
+        value = getattr(config, field.name)
+        if not (value is None and optional) and not _has_type(value, kind):
+            expected = _KINDS.get(kind, kind.__name__) + (" or None" if optional else "")
+            raise ValueError(f"{type(config).__name__}.{field.name}: must be {expected}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def _refuse_unknown_fields(where: str, names: Any) -> None:
+    unknown = set(names) - {f.name for f in dataclasses.fields(MoEConfig)}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
 
 
 @dataclass
@@ -101,8 +142,11 @@ class MoEConfig:
         check_finite: raise ``moe_ep.finite.NonFiniteError`` on every rank when
             any rank's input, router logits or expert outputs hold NaN or Inf
             (one host sync per forward; moe_ep/finite.py).
-        expert_backend: ``auto`` (Triton on CUDA, the per-expert loop on CPU),
-            or force ``triton``, ``torch`` (``torch._grouped_mm``) or ``loop``.
+        expert_backend: ``auto`` (Triton on CUDA in float32, bfloat16 and
+            float16; the per-expert loop on CPU and in other dtypes), or force
+            ``triton``, ``torch`` (``torch._grouped_mm``) or ``loop``
+            (moe_ep/expert_backend.py; a forced backend that cannot run the
+            compute dtype raises ``ValueError`` naming it).
         recompute_experts: keep no expert pre-activations for backward and
             recompute them there (one extra grouped GEMM per layer in
             backward, ``[R, J]`` less memory held per layer).
@@ -154,19 +198,26 @@ class MoEConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent field."""
+        """Raise ``ValueError`` naming the first field of a wrong type or an inconsistent value.
+
+        Types come from the annotations (``check_field_types``): a bool is
+        not an int, a string or None is not a number, a number is not a
+        string or a bool. Then values and combinations are checked.
+        """
         def need(ok: bool, field: str, why: str) -> None:
             if not ok:
                 raise ValueError(f"MoEConfig.{field}: {why}")
 
+        check_field_types(self)
         for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                      "num_experts_per_tok", "n_group", "topk_group"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
-        need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
-             "n_shared_experts", f"must be a non-negative int, got {self.n_shared_experts!r}")
+            need(value > 0, name, f"must be a positive int, got {value!r}")
+        need(self.n_shared_experts >= 0, "n_shared_experts",
+             f"must be a non-negative int, got {self.n_shared_experts!r}")
         if self.shared_intermediate_size is not None:
-            need(self.shared_intermediate_size > 0, "shared_intermediate_size", "must be positive")
+            need(self.shared_intermediate_size > 0, "shared_intermediate_size",
+                 f"must be a positive int or None, got {self.shared_intermediate_size!r}")
         need(self.activation in ACTIVATIONS, "activation", f"unknown {self.activation!r}; choose from {ACTIVATIONS}")
         need(self.scoring_func in SCORING_FUNCS, "scoring_func",
              f"unknown {self.scoring_func!r}; choose from {SCORING_FUNCS}")
@@ -193,7 +244,7 @@ class MoEConfig:
                  f"top-k {K} exceeds the {reachable} experts reachable in topk_group={self.topk_group} "
                  f"of n_group={self.n_group} groups")
         if self.group_score_topk is not None:
-            need(isinstance(self.group_score_topk, int) and 0 < self.group_score_topk <= E // self.n_group,
+            need(0 < self.group_score_topk <= E // self.n_group,
                  "group_score_topk", f"must be a positive int of at most the {E // self.n_group} experts of a "
                  f"group (n_routed_experts / n_group), got {self.group_score_topk!r}")
         elif self.topk_method == "node_limited":
@@ -201,18 +252,17 @@ class MoEConfig:
                  f"node-limited scoring sums the top K/M = {K}//{self.topk_group} scores per group, "
                  f"which is 0 when num_experts_per_tok < topk_group; set group_score_topk")
         if self.device_groups is not None:
-            need(isinstance(self.device_groups, int) and self.device_groups > 0, "device_groups",
-                 f"must be a positive int, got {self.device_groups!r}")
+            need(self.device_groups > 0, "device_groups", f"must be a positive int, got {self.device_groups!r}")
             need(E % self.device_groups == 0, "device_groups",
                  f"{E} experts are not divisible into device_groups={self.device_groups}")
 
         for name in ("bias_update_rate", "expert_balance_coef", "device_balance_coef", "comm_balance_coef",
                      "seq_balance_coef", "switch_coef", "z_loss_coef", "router_jitter"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
-                 f"must be a finite non-negative number, got {value!r}")
+            need(math.isfinite(value) and value >= 0, name, f"must be a finite non-negative number, got {value!r}")
         need(self.router_jitter < 1, "router_jitter", "must be below 1")
-        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
+        need(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0, "routed_scaling_factor",
+             f"must be a finite positive number, got {self.routed_scaling_factor!r}")
         for name in ("expert_capacity_factor", "device_capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None:
@@ -240,7 +290,8 @@ class MoEConfig:
         return self.expert_capacity_factor is not None or self.device_capacity_factor is not None
 
     def replace(self, **changes: Any) -> "MoEConfig":
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (``ValueError`` for a field that does not exist)."""
+        _refuse_unknown_fields("MoEConfig.replace", changes)
         return dataclasses.replace(self, **changes)
 
     # --------------------------------------------------------------- presets
@@ -254,9 +305,7 @@ class MoEConfig:
         """
         if name not in PRESETS:
             raise ValueError(f"MoEConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"MoEConfig.preset: unknown field(s) {sorted(unknown)}")
+        _refuse_unknown_fields("MoEConfig.preset", overrides)
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -269,9 +318,7 @@ class MoEConfig:
         ``group_score_topk=2`` (transformers scores a group by its top-2
         biased scores, as DeepSeek's code). ``overrides`` set any field.
         """
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"MoEConfig.from_hf_config: unknown field(s) {sorted(unknown)}")
+        _refuse_unknown_fields("MoEConfig.from_hf_config", overrides)
         return cls(**{**hf_config_fields(hf_config), **overrides})
 
 

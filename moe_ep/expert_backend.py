@@ -20,33 +20,40 @@ buffer 6 ms).
 * ``triton``: ``moe_ep.kernels`` (CUDA; the interpreter on CPU). ``up`` is one
   fused launch: the gather happens on load, the activation and the gate
   weight in the epilogue, and ``h`` is stored only when it is kept.
-* ``torch``: ``torch._grouped_mm`` (fp32/fp16/bf16, 16-byte aligned strides);
-  ``up`` gathers with ``index_select`` first.
-* ``loop``: one matmul per expert; reads the counts on the host. Its
+* ``torch``: ``torch._grouped_mm`` (16-byte aligned strides; its dtypes and
+  devices depend on the torch version, ``grouped_mm_problem``); ``up``
+  gathers with ``index_select`` first.
+* ``loop``: one matmul per expert, any dtype; reads the counts on the host. Its
   ``down_backward`` runs expert by expert, so ``dA`` and the activation exist
   for one expert's rows at a time (the others hold them for all rows).
 
-``auto`` picks Triton on CUDA (``torch._grouped_mm`` there without Triton,
-when the dtype and strides allow) and the loop on CPU: there the per-expert
-``torch.mm`` calls write into the reused workspace, while
-``torch._grouped_mm`` allocates every output (per-op minima of a profiled
-64-expert forward: 148 ms of GEMM for the loop, 204 ms for ``_grouped_mm``;
-docs/performance.md). Empty batches always take the loop
-(``torch._grouped_mm`` rejects them).
+``auto`` picks Triton on CUDA for the kernels' dtypes (float32, bfloat16,
+float16; ``torch._grouped_mm`` there without Triton, where it runs for the
+dtype and strides) and the loop otherwise: for other dtypes (float64) and on
+CPU, where the per-expert ``torch.mm`` calls write into the reused workspace
+while ``torch._grouped_mm`` allocates every output (per-op minima of a
+profiled 64-expert forward: 148 ms of GEMM for the loop, 204 ms for
+``_grouped_mm``; docs/performance.md). Empty batches take the loop unless
+Triton is asked for (``torch._grouped_mm`` rejects them). An explicit
+``triton`` or ``torch`` that cannot run the dtype (or, for ``torch``, this
+torch, device or strides) raises ``ValueError`` saying why.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+from torch.torch_version import TorchVersion
 
 from .activations import activate, activation_grad, scaled_activation
 from .kernels.gathered_gemm import gathered_grouped_gemm, gathered_up_projection
+from .kernels.grouped_mm import DTYPES as KERNEL_DTYPES
 from .kernels.grouped_mm import grouped_gemm, weight_grad
 from .kernels.runtime import triton_available
 
 BACKENDS = ("auto", "triton", "torch", "loop")
-_GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # torch._grouped_mm's from torch 2.9
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -55,29 +62,77 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s == 1 or (s * size) % 16 == 0 for s in t.stride()) and (t.shape[-1] * size) % 16 == 0
 
 
-def _torch_grouped_mm_ok(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
-    if x.dtype not in _GROUPED_MM_DTYPES or any(w.dtype != x.dtype for w in weights):
-        return False
-    # Forward and backward also multiply by the transposed weights and produce [R, dim] rows of every width.
-    return _aligned(x) and all(_aligned(w) and _aligned(w.transpose(1, 2)) for w in weights)
+@functools.lru_cache(maxsize=None)
+def grouped_mm_problem(device_type: str, dtype: torch.dtype, capability: Optional[tuple[int, int]] = None,
+                       version: str = torch.__version__) -> Optional[str]:
+    """Why ``torch._grouped_mm`` of torch ``version`` cannot multiply ``dtype`` on ``device_type``; None if it can.
+
+    torch < 2.8 has no ``torch._grouped_mm``. 2.8 has it for CUDA devices of
+    compute capability 9.x, in bfloat16 only. From 2.9 it has a CPU kernel
+    too and runs on CUDA from capability 8.0, in float32, float16 and
+    bfloat16. ``capability``: the CUDA device's ``(major, minor)`` (needed
+    for ``cuda``).
+    """
+    version = TorchVersion(version)
+    if version < (2, 8) or not hasattr(torch, "_grouped_mm"):
+        return f"torch {version} has no torch._grouped_mm (added in torch 2.8)"
+    since_2_9 = version >= (2, 9)
+    dtypes = GROUPED_MM_DTYPES if since_2_9 else (torch.bfloat16,)
+    if dtype not in dtypes:
+        return f"torch._grouped_mm of torch {version} multiplies {', '.join(map(str, dtypes))}, not {dtype}"
+    if device_type == "cpu":
+        return None if since_2_9 else f"torch {version} has no CPU kernel of torch._grouped_mm (2.9 has)"
+    if device_type != "cuda":
+        return f"torch._grouped_mm runs on CPU and CUDA, not {device_type}"
+    runs, needed = (capability >= (8, 0), "8.0 or above") if since_2_9 else (capability[0] == 9, "9.x")
+    return None if runs else (f"torch._grouped_mm of torch {version} needs CUDA compute capability {needed}; "
+                              f"this device has {capability[0]}.{capability[1]}")
+
+
+def choose_backend(requested: str, device_type: str, dtype: torch.dtype, n_rows: int, *, triton: bool,
+                   grouped_mm: Optional[str], aligned: bool) -> str:
+    """The backend that runs ``n_rows`` rows of ``dtype`` on ``device_type`` (the module docstring's rules).
+
+    ``triton``: Triton is importable; ``grouped_mm``: ``grouped_mm_problem``
+    for this device and dtype; ``aligned``: the operands' strides suit
+    ``torch._grouped_mm``. Raises ``ValueError`` for an unknown name and for
+    an explicit ``triton`` / ``torch`` that cannot run here.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown expert backend {requested!r}; choose from {BACKENDS}")
+    if requested == "triton" and dtype not in KERNEL_DTYPES:
+        raise ValueError(f"expert_backend 'triton': the Triton kernels multiply "
+                         f"{', '.join(map(str, KERNEL_DTYPES))}, not {dtype}; use 'loop' (or 'auto')")
+    if requested == "torch" and grouped_mm is not None:
+        raise ValueError(f"expert_backend 'torch': {grouped_mm}; use 'loop' (or 'auto')")
+    if requested in ("auto", "torch") and n_rows == 0:
+        return "loop"  # torch._grouped_mm rejects empty operands
+    if requested == "torch" and not aligned:
+        raise ValueError("expert_backend 'torch': torch._grouped_mm needs 16-byte aligned operands (the strides and "
+                         "rows of the inputs, of the weights and of their transposes); use 'loop' (or 'auto')")
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "loop"
+    if triton and dtype in KERNEL_DTYPES:
+        return "triton"
+    return "torch" if grouped_mm is None and aligned else "loop"
 
 
 def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_rows: Optional[int] = None) -> str:
     """The backend that will run products of ``x`` (source rows) with ``weights`` ([E, in, out] each).
 
-    ``n_rows``: the number of (gathered) rows multiplied, when it differs from ``x``'s.
+    ``n_rows``: the number of (gathered) rows multiplied, when it differs
+    from ``x``'s. ``choose_backend`` with this process's facts.
     """
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown expert backend {requested!r}; choose from {BACKENDS}")
-    if requested in ("auto", "torch") and (x.shape[0] if n_rows is None else n_rows) == 0:
-        return "loop"  # torch._grouped_mm rejects empty operands
-    if requested != "auto":
-        return requested
-    if not x.is_cuda:
-        return "loop"
-    if triton_available():
-        return "triton"
-    return "torch" if _torch_grouped_mm_ok(x, weights) else "loop"
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    same_dtype = all(w.dtype == x.dtype for w in weights)
+    # Forward and backward also multiply by the transposed weights and produce [R, dim] rows of every width.
+    aligned = same_dtype and _aligned(x) and all(_aligned(w) and _aligned(w.transpose(1, 2)) for w in weights)
+    return choose_backend(requested, x.device.type, x.dtype, x.shape[0] if n_rows is None else n_rows,
+                          triton=x.is_cuda and triton_available(),  # importing Triton costs ~100 MiB: CUDA only
+                          grouped_mm=grouped_mm_problem(x.device.type, x.dtype, capability),
+                          aligned=aligned)
 
 
 class _GroupedDownBackward:

@@ -17,7 +17,10 @@ outlives the forward.
 Saved for backward: ``x_SH`` (the caller's tensor, typically the receive
 buffer), the indices, the gate weights, the weights and ``h`` unless
 ``recompute`` (then ``h`` is recomputed: one extra grouped GEMM, the routed
-experts' activation checkpointing). Backward, with ``dY_R = dY_S[row]``:
+experts' activation checkpointing). ``h`` is written only when a backward can
+follow (grad mode on and some input requiring grad): under ``torch.no_grad()``
+(evaluation, a distillation teacher) nothing ``[R, J]`` outlives the forward.
+Backward, with ``dY_R = dY_S[row]``:
 
     dW_out[e] = a_e^T dY_e                  dA~ = dY_R W_out^T
     d weight_r = <dA~_r, act(h_r)>          dh = act'(h) (weight * dA~)
@@ -54,14 +57,14 @@ EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of 
 class _ExpertFFN(torch.autograd.Function):
     # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
     @staticmethod
-    def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
+    def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre):
         with record_function(EXPERTS_LABEL):
-            return _ExpertFFN._forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
+            return _ExpertFFN._forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre)
 
     @staticmethod
-    def _forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute):
+    def _forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre):
         rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered rows, then the outputs
-        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=not recompute,
+        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=keep_pre,
                             workspace=rows_RH)
         y_RH = ops.mm(a_RI, w_out, counts_E, out=rows_RH)
         del a_RI
@@ -82,7 +85,7 @@ class _ExpertFFN(torch.autograd.Function):
         ops, activation = ctx.ops, ctx.activation
         need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
         rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered dY, x, then dx rows
-        if h_RJ is None:  # recompute: the routed experts' activation checkpointing
+        if h_RJ is None:  # not kept: the routed experts' activation checkpointing
             h_RJ = ops.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
         scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
 
@@ -113,6 +116,8 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         activation: ``swiglu`` or ``gelu``.
         backend: ``auto`` | ``triton`` | ``torch`` | ``loop`` (``moe_ep.expert_backend``).
         recompute: do not keep the pre-activations for backward; recompute them.
+            Without a backward to come (grad mode off, or no input requiring
+            grad) they are never kept.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_ffn: unknown activation {activation!r}; choose from {ACTIVATIONS}")
@@ -129,7 +134,9 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         raise ValueError(f"expert_ffn: x is {x_SH.dtype} but w_in is {w_in.dtype} and w_out {w_out.dtype}; "
                          f"cast the weights to x's dtype (the compute dtype)")
     ops = grouped_ops(backend, x_SH, row_R.numel(), w_in, w_out)
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x_SH, weight_R, w_in, w_out))
     with autocast_off(x_SH.device.type):
-        return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, recompute)
+        return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation,
+                                backward_follows and not recompute)
 
 

@@ -14,6 +14,15 @@ autocast dtype when autocast is on for the input's device, else the input's
 dtype. The input is cast to it once, before dispatch, so rows cross the
 all-to-all in it; inside the layer autocast is off and every dtype is explicit.
 
+Ranks agree before they communicate: at ep > 1 every forward starts with one
+small all-gather over the EP group, made whatever the mode, of each rank's
+tokens, sequences, training flag, compute dtype and forward count. Ranks that
+differ in the training flag (one in ``eval()``), the compute dtype (autocast
+on one rank only) or the forward count (a forward one rank skipped) raise the
+same ``ValueError`` together, naming the layer, the field and each rank's
+value, instead of issuing different collectives. The token and sequence
+counts give the drop step its global token and sequence ids.
+
 Per optimizer step (training forwards only): the global loads and the number
 of forwards that applied a capacity are *pending* until ``update_bias()``
 commits them (V3 bias step, ``drop_step`` advanced) or ``discard_pending()``
@@ -30,6 +39,7 @@ from dataclasses import field
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .balance import RoutingStats, aux_loss, global_counts, routing_stats
@@ -39,10 +49,13 @@ from .dispatch.side_stream import SideStream
 from .dropping import DropRule, PairKeys, protected_sequences
 from .experts import RoutedExperts, SharedExperts
 from .finite import count_nonfinite, raise_if_nonfinite
-from .parallel.consistency import check_same_on_ranks
+from .parallel.consistency import check_same_on_ranks, describe_mismatch
 from .parallel.state import ParallelState
 from .precision import autocast_off, compute_dtype
 from .router import Router
+
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # input and compute dtypes
 
 
 def _resolve_devices(config: MoEConfig, parallel: ParallelState) -> int:
@@ -67,6 +80,16 @@ def _check_placement(config: MoEConfig, parallel: ParallelState) -> None:
                          f"expert-parallel group for node-limited routing")
 
 
+def check_layout(config: MoEConfig, parallel: ParallelState) -> int:
+    """D of the device-level losses and dropping, after checking ``config`` can be sharded over ``parallel``.
+
+    ``ValueError`` naming both sizes otherwise (placement and device groups);
+    no communication, so the launchers check their flags with it too.
+    """
+    _check_placement(config, parallel)
+    return _resolve_devices(config, parallel)
+
+
 @dataclasses.dataclass
 class ReplayLog:
     """The drop steps (protected-sequence windows) one checkpointed forward of a layer used, in call order."""
@@ -84,7 +107,9 @@ class MoELayer(nn.Module):
     same config and layout (compared by ``check_same_on_ranks``; a mismatch
     raises on every rank).
     ``forward_count``: forward calls so far (training and eval, recomputations
-    excluded), the "step" named by ``check_finite`` errors.
+    excluded), the "step" named by ``check_finite`` errors; at ep > 1 the EP
+    ranks compare it, with the mode and compute dtype, at every forward
+    (module docstring).
     ``load_accum`` (float64) and ``pending_drop_forwards``: the loads and
     capacity forwards of the optimizer step in progress (module docstring).
     """
@@ -95,12 +120,11 @@ class MoELayer(nn.Module):
         if parallel.distributed:
             layout = dict(ep_size=parallel.ep_size, dp_size=parallel.dp_size, nodes=parallel.nodes)
             check_same_on_ranks(f"MoELayer {name!r}", {**dataclasses.asdict(config), **layout}, parallel.world_group)
-        _check_placement(config, parallel)
+        self.n_devices = check_layout(config, parallel)
         self.config = config
         self.parallel = parallel
         self.name = name
         self.forward_count = 0
-        self.n_devices = _resolve_devices(config, parallel)
         E, K = config.n_routed_experts, config.num_experts_per_tok
         if config.topk_method == "greedy":
             self.device_limit = min(K, self.n_devices)
@@ -161,6 +185,9 @@ class MoELayer(nn.Module):
         if x.dim() == 0 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"MoELayer {self.name!r}: expected input [..., {cfg.hidden_size}], got {tuple(x.shape)}")
         dtype = compute_dtype(x)
+        if x.dtype not in COMPUTE_DTYPES or dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"MoELayer {self.name!r}: input of dtype {x.dtype} (compute dtype {dtype}); the layer "
+                             f"takes and computes in {', '.join(map(str, COMPUTE_DTYPES))}")
         with autocast_off(x.device.type):
             return self._forward(x.reshape(-1, cfg.hidden_size), x.shape, dtype)
 
@@ -174,8 +201,9 @@ class MoELayer(nn.Module):
         n_seq = T // seq_len if seq_len else 0
         seq_id_T = torch.arange(T, device=x_TH.device) // max(seq_len, 1)
 
+        scope = self._agree_on_forward(T, n_seq, expert_dtype, x_TH.device)
         routing = self.router(x_TH)
-        rule, keys = self._drop_plan(routing, seq_id_T, T, n_seq)
+        rule, keys = self._drop_plan(routing, seq_id_T, T, scope)
         x_TH = x_TH.to(expert_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
         shared = None
         if self.shared_experts is not None:  # on a GPU: a side stream, joined before the sum
@@ -202,6 +230,27 @@ class MoELayer(nn.Module):
                 self.pending_drop_forwards += rule is not None
         return y_TH.view(shape)
 
+    def _agree_on_forward(self, T: int, n_seq: int, expert_dtype: torch.dtype,
+                          device: torch.device) -> list[tuple[int, int]]:
+        """(tokens, sequences) of every EP rank in this forward, after checking the ranks agree on it.
+
+        At ep > 1 this is the forward's first collective (module docstring):
+        one all-gather of five integers per rank and one host read; a
+        mismatch raises on every rank. At ep 1 there is no one to agree with.
+        """
+        if self.parallel.ep_size == 1:
+            return [(T, n_seq)]
+        mine = torch.tensor([[T, n_seq, int(self.training), COMPUTE_DTYPES.index(expert_dtype), self.forward_count]],
+                            device=device)
+        rows = self.parallel.all_gather_ep(mine).tolist()
+        fields = [dict(forward_count=count, training=bool(training), compute_dtype=COMPUTE_DTYPES[code])
+                  for _, _, training, code, count in rows]
+        mismatch = describe_mismatch(f"MoELayer {self.name!r}", fields,
+                                     dist.get_process_group_ranks(self.parallel.ep_group or dist.group.WORLD))
+        if mismatch:
+            raise ValueError(mismatch)
+        return [(tokens, sequences) for tokens, sequences, *_ in rows]
+
     def _capacity_factors(self) -> tuple[Optional[float], Optional[float]]:
         """(expert, device) capacity factors in force, None where unlimited."""
         cfg = self.config
@@ -213,11 +262,12 @@ class MoELayer(nn.Module):
                 cfg.eval_capacity_factor if cfg.device_capacity_factor is not None else None)
 
     def _drop_plan(self, routing, seq_id_T: torch.Tensor, T: int,
-                   n_seq: int) -> tuple[Optional[DropRule], Optional[PairKeys]]:
+                   scope: list[tuple[int, int]]) -> tuple[Optional[DropRule], Optional[PairKeys]]:
         """The capacity rule of this forward and the ranking keys of this rank's pairs.
 
         Token and sequence ids are made global to the EP group (the scope of
-        the capacities) from one all-gather of every rank's (T, sequences).
+        the capacities) from ``scope``, every EP rank's (tokens, sequences)
+        in EP rank order (``_agree_on_forward``).
         """
         cfg = self.config
         expert_cf, device_cf = self._capacity_factors()
@@ -225,10 +275,9 @@ class MoELayer(nn.Module):
             return None, None
         device = seq_id_T.device
         K = cfg.num_experts_per_tok
-        scope_R2 = self.parallel.all_gather_ep(torch.tensor([[T, n_seq]], device=device))
         rank = self.parallel.ep_rank
-        token_offset, seq_offset = scope_R2[:rank, 0].sum(), scope_R2[:rank, 1].sum()
-        n_tokens, n_seq_total = (int(v) for v in scope_R2.sum(0))
+        token_offset, seq_offset = sum(t for t, _ in scope[:rank]), sum(s for _, s in scope[:rank])
+        n_tokens, n_seq_total = sum(t for t, _ in scope), sum(s for _, s in scope)
         rule = DropRule(n_tokens=n_tokens, top_k=K, n_experts=cfg.n_routed_experts, n_devices=self.n_devices,
                         expert_cf=expert_cf, device_cf=device_cf, policy=cfg.drop_policy)
         if self.training:

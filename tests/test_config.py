@@ -42,9 +42,10 @@ def test_group_score_topk_is_validated_and_defaults_to_k_over_m():
               num_experts_per_tok=6)
     assert MoEConfig(**{**TINY, **V3}).group_score_k == 3
     assert MoEConfig(**{**TINY, **V3, "group_score_topk": 2}).group_score_k == 2
-    for bad in (0, 5, 2.0):  # 5 > the 4 experts of a group
+    for bad in (0, 5):  # 5 > the 4 experts of a group
         msg = _raises_naming("group_score_topk", **V3, group_score_topk=bad)
         assert "at most the 4 experts" in msg
+    assert "must be an int or None" in _raises_naming("group_score_topk", **V3, group_score_topk=2.0)
     # An explicit count also lifts the K >= M guard, which only protects K // M.
     MoEConfig(**{**TINY, **V3, "num_experts_per_tok": 1, "group_score_topk": 2})
 
@@ -88,11 +89,27 @@ def test_out_of_range_values(field, value):
     _raises_naming(field, **{field: value})
 
 
+@pytest.mark.parametrize("field,value,kind", [
+    ("hidden_size", True, "an int"), ("hidden_size", "16", "an int"), ("n_routed_experts", None, "an int"),
+    ("num_experts_per_tok", 2.0, "an int"), ("device_groups", "2", "an int or None"),
+    ("routed_scaling_factor", "16", "a number"), ("router_jitter", None, "a number"),
+    ("protected_seq_frac", True, "a number"), ("expert_capacity_factor", "1.25", "a number or None"),
+    ("norm_topk_prob", 1, "a bool"), ("check_finite", "yes", "a bool"), ("aux_free_bias", None, "a bool"),
+    ("scoring_func", 1, "a string"), ("router_dtype", torch.float32, "a string"), ("dispatcher", None, "a string"),
+])
+def test_wrong_types_name_the_field(field, value, kind):
+    # Before: a string or None in a number field raised TypeError from a comparison, and True passed as 1.
+    msg = _raises_naming(field, **{field: value})
+    assert f"must be {kind}, got {value!r} ({type(value).__name__})" in msg
+
+
 def test_unknown_preset_and_fields():
     with pytest.raises(ValueError, match="deepseek-v4"):
         MoEConfig.preset("deepseek-v4")
     with pytest.raises(ValueError, match="n_experts"):
         MoEConfig.preset("deepseek-v3", n_experts=4)
+    with pytest.raises(ValueError, match=r"MoEConfig\.replace: unknown field\(s\) \['n_experts'\]"):
+        MoEConfig(**TINY).replace(n_experts=4)
     from transformers import DeepseekV3Config
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig.from_hf_config(DeepseekV3Config(), top_k=2)

@@ -169,3 +169,26 @@ def test_saves_no_gathered_rows_for_backward():
                        recompute)
         activations = [t for t in saved if t.dim() == 2 and t.shape[0] == R]
         assert [t.shape[1] for t in activations] == ([kept_width] if kept_width else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pre_activations_are_kept_only_when_a_backward_can_follow(monkeypatch, backend):
+    """Before: ``keep_pre`` was ``not recompute`` alone, so under ``torch.no_grad()`` (evaluation, a distillation
+    teacher) every forward wrote and held ``h`` [R, J] for a backward that never comes."""
+    from moe_ep.expert_backend import _OPS
+
+    ops, seen = _OPS[backend], []
+    up = ops.up
+
+    def spy(*args, keep_pre, **kwargs):
+        seen.append(keep_pre)
+        return up(*args, keep_pre=keep_pre, **kwargs)
+
+    monkeypatch.setattr(ops, "up", spy)
+    x, row, counts, weight, w_in, w_out = _operands("swiglu")
+    with torch.no_grad():
+        expert_ffn(x.requires_grad_(), row, counts, weight, w_in, w_out, "swiglu", backend)
+    expert_ffn(x.detach(), row, counts, weight, w_in, w_out, "swiglu", backend)  # nothing requires grad
+    expert_ffn(x.detach(), row, counts, weight.requires_grad_(), w_in, w_out, "swiglu", backend)
+    expert_ffn(x.detach(), row, counts, weight, w_in, w_out, "swiglu", backend, recompute=True)
+    assert seen == [False, False, True, False]

@@ -4,7 +4,7 @@ import torch
 from torch.func import functional_call
 
 from moe_ep import MoEConfig, MoELayer
-from moe_ep.expert_backend import resolve_backend
+from moe_ep.expert_backend import choose_backend, grouped_mm_problem, resolve_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,6 +158,53 @@ def test_auto_backend_on_cpu():
     layer = MoELayer(MoEConfig(**BASE)).double()  # auto falls back to the loop in float64
     y = layer(torch.randn(2, 3, 16, dtype=torch.float64))
     assert y.dtype == torch.float64
+
+
+CUDA_FACTS = dict(triton=True, grouped_mm=None, aligned=True)
+
+
+def test_auto_on_cuda_falls_back_to_the_loop_for_dtypes_the_kernels_lack():
+    # Before: auto picked Triton for float64 on CUDA, whose kernels then refused it with a TypeError.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert choose_backend("auto", "cuda", dtype, 5, **CUDA_FACTS) == "triton"
+    float64_grouped_mm = grouped_mm_problem("cuda", torch.float64, (9, 0), "2.13.0")
+    for triton in (True, False):
+        assert choose_backend("auto", "cuda", torch.float64, 5, triton=triton, grouped_mm=float64_grouped_mm,
+                              aligned=True) == "loop"
+    assert choose_backend("auto", "cuda", torch.bfloat16, 5, triton=False, grouped_mm=None, aligned=True) == "torch"
+    assert choose_backend("auto", "cuda", torch.bfloat16, 5, triton=False, grouped_mm=None, aligned=False) == "loop"
+    assert choose_backend("auto", "cpu", torch.float32, 5, **CUDA_FACTS) == "loop"
+    assert choose_backend("auto", "cuda", torch.float32, 0, **CUDA_FACTS) == "loop"  # empty
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_forced_backend_refuses_a_dtype_it_cannot_run(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    layer = MoELayer(MoEConfig(**BASE, expert_backend=backend)).double()
+    with pytest.raises(ValueError, match=rf"expert_backend '{backend}': .*not torch\.float64"):
+        layer(torch.randn(2, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"expert_backend '{backend}'.*not torch\.float64"):
+        choose_backend(backend, "cuda", torch.float64, 5, triton=True,
+                       grouped_mm=grouped_mm_problem("cuda", torch.float64, (9, 0), "2.13.0"), aligned=True)
+
+
+def test_torch_backend_availability_follows_the_torch_version():
+    assert grouped_mm_problem("cpu", torch.float32, None, "2.13.0") is None
+    assert grouped_mm_problem("cuda", torch.float16, (8, 0), "2.9.1") is None
+    assert grouped_mm_problem("cuda", torch.bfloat16, (9, 0), "2.8.0") is None
+    assert "has no torch._grouped_mm" in grouped_mm_problem("cuda", torch.bfloat16, (9, 0), "2.7.1")
+    assert "no CPU kernel" in grouped_mm_problem("cpu", torch.bfloat16, None, "2.8.0")
+    assert "not torch.float32" in grouped_mm_problem("cuda", torch.float32, (9, 0), "2.8.0")
+    assert "capability 9.x; this device has 8.0" in grouped_mm_problem("cuda", torch.bfloat16, (8, 0), "2.8.0")
+    assert "capability 8.0 or above; this device has 7.5" in grouped_mm_problem("cuda", torch.float32, (7, 5), "2.9.0")
+    assert "not mps" in grouped_mm_problem("mps", torch.float32, None, "2.13.0")
+    missing = grouped_mm_problem("cpu", torch.float32, None, "2.7.1")
+    with pytest.raises(ValueError, match=r"expert_backend 'torch': torch 2\.7\.1 has no torch\._grouped_mm"):
+        choose_backend("torch", "cpu", torch.float32, 5, triton=False, grouped_mm=missing, aligned=True)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        choose_backend("torch", "cpu", torch.float32, 5, triton=False, grouped_mm=None, aligned=False)
+    assert choose_backend("auto", "cuda", torch.float32, 5, triton=False, grouped_mm=missing, aligned=True) == "loop"
 
 
 def test_bf16_layer_on_cpu():

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from ..config import check_field_types
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -58,36 +61,44 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        """Raise ``ValueError`` ``TrainConfig.<field>: ...`` naming the first field of a wrong type or value."""
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{field}: {why}")
+
+        check_field_types(self)
         for name in ("steps", "batch_size", "seq_len", "log_every", "val_every", "val_batches", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name}: must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name}: must be non-negative, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, "
-                             f"{self.min_lr_ratio}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip: must be positive or None, got {self.grad_clip!r}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"TrainConfig.grad_accum: {self.grad_accum} micro-batches do not divide batch_size "
-                             f"{self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision: {self.precision!r} is not one of {PRECISIONS} (fp16 needs "
-                             f"loss scaling: use DeepSpeed's fp16, launch/ds_config_fp16.json)")
+            need(getattr(self, name) >= 1, name, f"must be a positive int, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "ckpt_every", "seed"):
+            need(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)!r}")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite positive number, got {self.lr!r}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio!r}")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+             f"must be a finite non-negative number, got {self.weight_decay!r}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must lie in [0, 1), got {getattr(self, name)!r}")
+        if self.grad_clip is not None:
+            need(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                 f"must be a finite positive number or None, got {self.grad_clip!r}")
+        need(self.batch_size % self.grad_accum == 0, "grad_accum",
+             f"{self.grad_accum} micro-batches do not divide batch_size {self.batch_size}")
+        need(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {PRECISIONS} (fp16 needs "
+             f"loss scaling: use DeepSpeed's fp16, launch/ds_config_fp16.json)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def parse_field_overrides(items: list[str]) -> dict:
-    """``FIELD=VALUE`` strings (the launchers' ``--moe``) to a dict; values are Python literals where they parse, else strings."""
+    """``FIELD=VALUE`` strings (the launchers' ``--moe``) to a dict; values are Python literals where they parse, else strings.
+
+    ``ValueError`` for an item without ``=``.
+    """
     out = {}
     for item in items:
         field, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--moe {item!r}: expected FIELD=VALUE")
+            raise ValueError(f"{item!r}: expected FIELD=VALUE")
         try:
             out[field] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

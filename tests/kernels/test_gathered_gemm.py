@@ -91,3 +91,26 @@ def test_bad_operands_name_the_problem(device):
         gathered_up_projection(x_src, row_index, counts_E, w_in, "gelu", row_scale.double())
     with pytest.raises(ValueError, match="counts must have shape"):
         gathered_up_projection(x_src, row_index, counts_E[:1], w_in, "gelu", row_scale)
+
+
+@pytest.mark.parametrize("op", ["gathered_up_projection", "gathered_grouped_gemm"])
+def test_out_of_range_rows_and_counts_are_refused_before_the_gather(op):
+    """On CPU tensors (the interpreter): before, a bad index was read out of bounds and bad counts left rows
+    unwritten or read past the end. On CUDA the same checks are device-side asserts, which leave the CUDA
+    context unusable, so they are not provoked here."""
+    x_src, row_index, counts_E, w_in, row_scale = _operands([3, 4], torch.device("cpu"), "gelu", seed=6)
+
+    def call(rows, counts):
+        if op == "gathered_up_projection":
+            return gathered_up_projection(x_src, rows, counts, w_in, "gelu", row_scale, config=CONFIG)
+        return gathered_grouped_gemm(x_src, rows, counts, w_in, config=CONFIG)
+
+    call(row_index, counts_E)  # the valid operands pass
+    for bad_row in (SOURCE_ROWS, -1):
+        rows = row_index.clone()
+        rows[5] = bad_row
+        with pytest.raises(ValueError, match=rf"row_index: every entry must lie in \[0, {SOURCE_ROWS}\)"):
+            call(rows, counts_E)
+    for bad_counts in ([3, 5], [3, 3], [-1, 8]):
+        with pytest.raises(ValueError, match="counts: must be non-negative and sum to 7"):
+            call(row_index, torch.tensor(bad_counts))
