@@ -7,6 +7,11 @@ versions is pinned in constraints.txt, which ``launch/setup_venv.sh`` installs w
 """
 from setuptools import setup
 
+# The training application beyond the layer library: progress bar, PNG plots, --tensorboard event files.
+# Floors: matplotlib 3.5 has Figure(layout=...) and set_yticks(labels=); tqdm 4.36 set_postfix(refresh=) in every
+# bar class (its changelog); tensorboard 1.15 is the oldest torch.utils.tensorboard accepts.
+TRAIN = ["matplotlib>=3.5", "tqdm>=4.36", "tensorboard>=1.15"]
+
 setup(
     name="moe_ep",
     version="0.1.0",
@@ -19,6 +24,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.14"],
-        "test": ["pytest", "pytest-timeout", "numpy", "transformers>=4.52", "triton>=3.0", "deepspeed>=0.14"],
+        "train": TRAIN,
+        "test": ["pytest", "pytest-timeout", "numpy", "transformers>=4.52", "triton>=3.0", "deepspeed>=0.14", *TRAIN],
     },
 )
