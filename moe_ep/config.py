@@ -137,6 +137,12 @@ class MoEConfig:
             nodes, then inside the node) or ``auto`` (hierarchical when the
             EP group spans more than one node, ``ParallelState.nodes > 1``,
             with more than one rank per node).
+        overlap_chunks: c, the token chunks the dispatch pipelines: after
+            the keep decisions each rank's tokens are split into c
+            contiguous chunks, and the first hop of chunk i + 1 and the
+            combine of chunk i - 1 are in flight while chunk i's experts run
+            (backward: the mirror order). 1: one pass, no pipelining. The
+            results equal c = 1's up to the order of floating-point sums.
 
     Checks:
         check_finite: raise ``moe_ep.finite.NonFiniteError`` on every rank when
@@ -188,6 +194,7 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = None
 
     dispatcher: str = "auto"
+    overlap_chunks: int = 1
 
     check_finite: bool = False
     expert_backend: str = "auto"
@@ -231,6 +238,7 @@ class MoEConfig:
         need(self.expert_backend in EXPERT_BACKENDS, "expert_backend",
              f"unknown {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
         need(self.dispatcher in DISPATCHERS, "dispatcher", f"unknown {self.dispatcher!r}; choose from {DISPATCHERS}")
+        need(self.overlap_chunks >= 1, "overlap_chunks", f"must be a positive int, got {self.overlap_chunks!r}")
 
         E, K = self.n_routed_experts, self.num_experts_per_tok
         need(K <= E, "num_experts_per_tok", f"top-k {K} exceeds n_routed_experts {E}")

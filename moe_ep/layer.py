@@ -134,7 +134,7 @@ class MoELayer(nn.Module):
         self.router = Router(config)
         self.experts = RoutedExperts(config, E // parallel.ep_size)
         self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
-        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E)
+        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E, chunks=config.overlap_chunks)
         self.side_stream = SideStream()
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)

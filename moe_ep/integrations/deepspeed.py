@@ -272,7 +272,8 @@ class DeepSpeedMoE(MoE):
                              f"{state.ep_size}; build the model with deepspeed_parallel_state(ep_size)")
         layer.parallel = state
         layer.dispatcher = make_dispatcher(layer.config.dispatcher, state, self.num_experts,
-                                           overlap_shared=layer.dispatcher.overlap_shared)
+                                           overlap_shared=layer.dispatcher.overlap_shared,
+                                           chunks=layer.config.overlap_chunks)
 
     # ----------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -28,6 +28,7 @@ V3_NODE_LIMITED = dict(BASE, n_shared_experts=1, num_experts_per_tok=4, scoring_
                        routed_scaling_factor=2.5, aux_free_bias=True, seq_balance_coef=1e-3)
 EXPERT_CAPACITY = dict(GREEDY, expert_capacity_factor=1.0, drop_policy="position")
 BOTH_CAPACITIES = dict(V2_DEVICE_LIMITED, expert_capacity_factor=1.5, device_capacity_factor=1.0)
+CHUNKS = [2, 3]  # overlap_chunks compared with 1 in every case (equivalence.py); 3 leaves chunks of unequal sizes
 
 
 def _cases(ep_size: int, world: int) -> list[dict]:
@@ -36,9 +37,9 @@ def _cases(ep_size: int, world: int) -> list[dict]:
     if world == ep_size:  # dropping's scope is the EP group: the reference sees exactly that batch
         modes.update(v2_device_dropping=V2_DROPPING, expert_capacity_position=EXPERT_CAPACITY,
                      expert_and_device_capacity=BOTH_CAPACITIES)
-    cases = [dict(name=name, config=cfg, ep_size=ep_size) for name, cfg in modes.items()]
+    cases = [dict(name=name, config=cfg, ep_size=ep_size, chunks=CHUNKS) for name, cfg in modes.items()]
     cases.append(dict(name="v2_dropping_eval_no_drop", config=V2_DROPPING if world == ep_size else V2_DEVICE_LIMITED,
-                      ep_size=ep_size, train=False))
+                      ep_size=ep_size, train=False, chunks=CHUNKS))
     return cases
 
 
@@ -53,12 +54,16 @@ def test_equivalence_every_routing_mode(world, ep_size):
 def test_skewed_and_uneven_batches():
     """All tokens to one expert; an empty rank; different token counts per rank."""
     cases = [
-        dict(name="all_to_one_expert", config=GREEDY, ep_size=4, skew_to_expert=5),
+        dict(name="all_to_one_expert", config=GREEDY, ep_size=4, skew_to_expert=5, chunks=CHUNKS),
         dict(name="all_to_one_expert_dropping", config=dict(GREEDY, device_capacity_factor=1.0),
-             ep_size=4, skew_to_expert=1),
-        dict(name="empty_rank", config=V2_DROPPING, ep_size=4, batch_per_rank=[2, 0, 3, 1]),
-        dict(name="uneven_counts", config=V3_NODE_LIMITED, ep_size=4, batch_per_rank=[1, 4, 2, 3]),
-        dict(name="all_ranks_empty_but_one", config=GREEDY, ep_size=4, batch_per_rank=[0, 0, 0, 2]),
+             ep_size=4, skew_to_expert=1, chunks=CHUNKS),
+        dict(name="empty_rank", config=V2_DROPPING, ep_size=4, batch_per_rank=[2, 0, 3, 1], chunks=CHUNKS),
+        dict(name="uneven_counts", config=V3_NODE_LIMITED, ep_size=4, batch_per_rank=[1, 4, 2, 3], chunks=CHUNKS),
+        dict(name="all_ranks_empty_but_one", config=GREEDY, ep_size=4, batch_per_rank=[0, 0, 0, 2], chunks=CHUNKS),
+        dict(name="backend_torch_chunked", config=dict(V2_DROPPING, expert_backend="torch"), ep_size=4,
+             chunks=CHUNKS),
+        dict(name="backend_triton_chunked", config=dict(GREEDY, expert_backend="triton"), ep_size=4,
+             batch_per_rank=[1, 1, 1, 1], chunks=[2]),
     ]
     results = run_on_ranks(run_cases, 4, cases, timeout=240)
     skew = results[0][0]["stats"]

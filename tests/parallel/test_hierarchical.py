@@ -14,7 +14,7 @@ from moe_ep import MoEConfig, MoELayer, ParallelState
 from moe_ep.parallel.spawn import run_on_ranks
 
 from .equivalence import run_cases
-from .test_expert_parallel import (BOTH_CAPACITIES, EXPERT_CAPACITY, GREEDY, V2_DEVICE_LIMITED, V2_DROPPING,
+from .test_expert_parallel import (BOTH_CAPACITIES, CHUNKS, EXPERT_CAPACITY, GREEDY, V2_DEVICE_LIMITED, V2_DROPPING,
                                    V3_NODE_LIMITED)
 
 V3_ONE_NODE = dict(V3_NODE_LIMITED, n_group=2, topk_group=1, num_experts_per_tok=3)  # M = 1 of 2 nodes
@@ -22,8 +22,10 @@ V3_TWO_NODES = dict(V3_NODE_LIMITED, n_group=2, topk_group=2)                   
 WIDE = dict(n_routed_experts=16)                                                      # 2 experts per rank at ep=8
 
 
-def _case(name, config, dispatcher="hierarchical", ep_size=4, nodes=2, **extra):
-    return dict(name=name, config=dict(config, dispatcher=dispatcher), ep_size=ep_size, nodes=nodes, **extra)
+def _case(name, config, dispatcher="hierarchical", ep_size=4, nodes=2, chunks=CHUNKS, **extra):
+    """A case of ``equivalence.run_case``; the 4-process ones also compare ``overlap_chunks`` 2 and 3 with 1."""
+    return dict(name=name, config=dict(config, dispatcher=dispatcher), ep_size=ep_size, nodes=nodes, chunks=chunks,
+                **extra)
 
 
 RUNS = {
@@ -50,11 +52,11 @@ RUNS = {
         _case("dp2_v3_auto", V3_ONE_NODE, dispatcher="auto", ep_size=2),  # one rank per node: flat
     ],
     8: [
-        _case("2x4_greedy", dict(GREEDY, **WIDE), ep_size=8),
-        _case("2x4_greedy_flat", dict(GREEDY, **WIDE), dispatcher="flat", ep_size=8),
-        _case("2x4_v3_node_limited_m1", dict(V3_ONE_NODE, **WIDE), ep_size=8),
+        _case("2x4_greedy", dict(GREEDY, **WIDE), ep_size=8, chunks=()),
+        _case("2x4_greedy_flat", dict(GREEDY, **WIDE), dispatcher="flat", ep_size=8, chunks=()),
+        _case("2x4_v3_node_limited_m1", dict(V3_ONE_NODE, **WIDE), ep_size=8, chunks=()),
         _case("2x4_v2_dropping_empty_rank", dict(V2_DROPPING, **WIDE), ep_size=8,
-              batch_per_rank=[1, 2, 0, 1, 3, 1, 2, 1]),
+              batch_per_rank=[1, 2, 0, 1, 3, 1, 2, 1], chunks=()),
     ],
 }
 CASES = {case["name"]: case for cases in RUNS.values() for case in cases}
