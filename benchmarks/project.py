@@ -1,6 +1,6 @@
 """Projection of a DeepSeek-V3-shaped MoE layer's step time on 8 to 256 GPUs, and its validation on CPU runs.
 
-The model (one GPU's forward+backward of one layer, no overlap credited):
+The model (one GPU's forward+backward of one layer; without overlap, then with ``overlap_chunks``):
 
     step     = comm + experts + shared + rest
     comm     = 4 passes (dispatch, combine, and their gradients) of the dispatcher's all-to-all:
@@ -12,6 +12,15 @@ The model (one GPU's forward+backward of one layer, no overlap credited):
     shared   = 3 * 2 * T * H * 3 I_s / (peak * eff)
     rest     = router GEMM (3 * 2 T H E / (peak * eff)) + the row gathers and scatter-adds
                (10 passes of T K H bytes over HBM)
+
+With ``--chunks c`` (default 4) each record also holds the step with the
+chunked, pipelined dispatch of ``MoEConfig.overlap_chunks`` (``overlap_model``:
+the routed experts, a third of their time forward and two thirds backward,
+pipelined with the hops chunk by chunk in the order moe_ep issues them, each
+chunk's all-to-all paying its start-up again; the shared expert and the rest
+outside the pipeline, the grouped GEMMs assumed as efficient on c times fewer
+rows): ``step_overlap_ms``, ``exposed_comm_overlap_ms`` (step minus compute),
+``comm_share_overlap``.
 
 with T tokens per GPU, row bytes B = H x dispatch bytes, and the routing
 statistics measured from a trained router of ours (``router_stats.py``):
@@ -36,6 +45,8 @@ import argparse
 import json
 import pathlib
 from dataclasses import asdict, dataclass
+
+from overlap_model import Phase, split, step_time
 
 HARDWARE = {  # value, source (../shared/reference/published-figures.md)
     "peak_flops": (989e12, "H100/H200 SXM dense bf16 tensor peak, NVIDIA data sheet"),
@@ -70,20 +81,41 @@ def a2a_pass(alpha: float, bytes_by_link: list[tuple[float, float]]) -> float:
     return alpha + max((b / bw for b, bw in bytes_by_link), default=0.0)
 
 
-def comm_time(stats: dict, shape: Shape, hw: dict, dispatch: str) -> float:
-    """Seconds of the 4 all-to-all passes of a forward+backward (module docstring)."""
+def hop_passes(stats: dict, shape: Shape, hw: dict, dispatch: str) -> dict:
+    """One pass of each hop of the route (seconds, whole batch), its start-up and link: the outer (first) hop and
+    the inner one (two-hop route only)."""
     T, B, imb = shape.tokens, shape.hidden * shape.dispatch_bytes, stats["imbalance"]
     multi_node = stats["nodes"] > 1
     if dispatch == "flat":
         intra = imb * T * (stats["remote_ranks"] - stats["internode_ranks"]) * B
         inter = imb * T * stats["internode_ranks"] * B
         alpha = hw["alpha_inter"] if multi_node else hw["alpha_intra"]
-        one = a2a_pass(alpha, [(intra, hw["bw_intra"]), (inter, hw["bw_inter"])])
-    else:
-        hop1 = a2a_pass(hw["alpha_inter"], [(imb * T * stats["remote_nodes"] * B, hw["bw_inter"])]) if multi_node else 0
-        hop2 = a2a_pass(hw["alpha_intra"], [(imb * T * stats["hop2_rows"] * B, hw["bw_intra"])])
-        one = hop1 + hop2
-    return 4 * one
+        outer = a2a_pass(alpha, [(intra, hw["bw_intra"]), (inter, hw["bw_inter"])])
+        return dict(outer=outer, alpha_outer=alpha, inner=0.0, alpha_inner=0.0,
+                    outer_link="inter" if multi_node else "intra")
+    inner = a2a_pass(hw["alpha_intra"], [(imb * T * stats["hop2_rows"] * B, hw["bw_intra"])])
+    if not multi_node:
+        return dict(outer=inner, alpha_outer=hw["alpha_intra"], inner=0.0, alpha_inner=0.0, outer_link="intra")
+    outer = a2a_pass(hw["alpha_inter"], [(imb * T * stats["remote_nodes"] * B, hw["bw_inter"])])
+    return dict(outer=outer, alpha_outer=hw["alpha_inter"], inner=inner, alpha_inner=hw["alpha_intra"],
+                outer_link="inter")
+
+
+def comm_time(stats: dict, shape: Shape, hw: dict, dispatch: str) -> float:
+    """Seconds of the 4 all-to-all passes of a forward+backward (module docstring), the hops one after another."""
+    hops = hop_passes(stats, shape, hw, dispatch)
+    return 4 * (hops["outer"] + hops["inner"])
+
+
+def overlapped_step(stats: dict, shape: Shape, hw: dict, dispatch: str, parts: dict, chunks: int) -> float:
+    """Seconds of the step with ``overlap_chunks = chunks`` (``overlap_model``): the routed experts (1/3 of their
+    time forward, 2/3 backward) pipelined with the hops; the shared expert and the rest outside the pipeline."""
+    hops = hop_passes(stats, shape, hw, dispatch)
+
+    def phase(share: float) -> Phase:
+        return split(hops["outer"], hops["inner"], share * parts["experts"], chunks, hops["alpha_outer"],
+                     hops["alpha_inner"], hops["outer_link"])
+    return step_time(phase(1 / 3), phase(2 / 3), chunks) + parts["shared"] + parts["rest"]
 
 
 def compute_times(stats: dict, shape: Shape, hw: dict, gemm_eff: float) -> dict:
@@ -99,20 +131,26 @@ def compute_times(stats: dict, shape: Shape, hw: dict, gemm_eff: float) -> dict:
                 experts_compute_bound=flops / rate >= weight_bytes / hw["hbm_bw"])
 
 
-def project(stats_records: list[dict], shape: Shape, hw: dict, gemm_eff: float, balanced: bool) -> list[dict]:
-    """One record per (GPUs, routing, dispatch): the times in ms and the communication share."""
+def project(stats_records: list[dict], shape: Shape, hw: dict, gemm_eff: float, balanced: bool,
+            chunks: int = 4) -> list[dict]:
+    """One record per (GPUs, routing, dispatch): the times in ms and the communication share, without overlap and
+    with ``overlap_chunks = chunks`` (``step_overlap_ms``, the exposed communication then)."""
     out = []
     for stats in stats_records:
         stats = dict(stats, imbalance=1.0) if balanced else stats
         parts = compute_times(stats, shape, hw, gemm_eff)
+        compute = parts["experts"] + parts["shared"] + parts["rest"]
         for dispatch in DISPATCHES:
             comm = comm_time(stats, shape, hw, dispatch)
-            step = comm + parts["experts"] + parts["shared"] + parts["rest"]
+            step = comm + compute
+            overlapped = overlapped_step(stats, shape, hw, dispatch, parts, chunks)
             out.append(dict(gpus=stats["gpus"], nodes=stats["nodes"], routing=stats["routing"], M=stats["M"],
                             dispatch=dispatch, step_ms=step * 1e3, comm_ms=comm * 1e3,
                             experts_ms=parts["experts"] * 1e3, shared_ms=parts["shared"] * 1e3,
                             rest_ms=parts["rest"] * 1e3, comm_share=comm / step, imbalance=stats["imbalance"],
-                            experts_compute_bound=parts["experts_compute_bound"]))
+                            experts_compute_bound=parts["experts_compute_bound"], chunks=chunks,
+                            step_overlap_ms=overlapped * 1e3, exposed_comm_overlap_ms=(overlapped - compute) * 1e3,
+                            comm_share_overlap=(overlapped - compute) / overlapped))
     return out
 
 
@@ -120,7 +158,8 @@ def print_projection(records: list[dict], shape: Shape, hw_src: dict, gemm_eff: 
                      source: dict) -> None:
     print(f"DeepSeek-V3-shaped layer: hidden {shape.hidden}, expert width {shape.ffn}, {shape.experts} experts, "
           f"top-{shape.top_k}, {shape.shared} shared expert, {shape.tokens} tokens per GPU, {shape.gpus_per_node} GPUs "
-          f"per node, rows {shape.dispatch_bytes} bytes per element; forward+backward, no overlap credited")
+          f"per node, rows {shape.dispatch_bytes} bytes per element; forward+backward; without overlap, and with "
+          f"overlap_chunks={records[0]['chunks']} (the last three columns)")
     print("hardware figures (../shared/reference/published-figures.md):")
     for key, (value, src) in hw_src.items():
         print(f"  {key:<12}{value:>10.3g}  {src}")
@@ -129,11 +168,12 @@ def print_projection(records: list[dict], shape: Shape, hw_src: dict, gemm_eff: 
     print(f"routing statistics: {source.get('run')} ({source.get('tokens')} validation tokens), "
           f"{'imbalance set to 1 (--balanced)' if balanced else 'measured imbalance'}")
     print(f"\n{'GPUs':>5}{'nodes':>6}  {'routing':<16}{'M':>3}  {'dispatch':<9}{'step ms':>9}{'comm ms':>9}"
-          f"{'experts':>9}{'shared':>8}{'rest':>7}{'comm %':>8}{'imb':>6}")
+          f"{'experts':>9}{'shared':>8}{'rest':>7}{'comm %':>8}{'imb':>6}{'ovl ms':>9}{'exposed':>9}{'exp %':>7}")
     for r in records:
         print(f"{r['gpus']:>5}{r['nodes']:>6}  {r['routing']:<16}{r['M'] or '-':>3}  {r['dispatch']:<9}"
               f"{r['step_ms']:>9.1f}{r['comm_ms']:>9.1f}{r['experts_ms']:>9.1f}{r['shared_ms']:>8.1f}"
-              f"{r['rest_ms']:>7.1f}{100 * r['comm_share']:>7.0f}%{r['imbalance']:>6.2f}")
+              f"{r['rest_ms']:>7.1f}{100 * r['comm_share']:>7.0f}%{r['imbalance']:>6.2f}"
+              f"{r['step_overlap_ms']:>9.1f}{r['exposed_comm_overlap_ms']:>9.1f}{100 * r['comm_share_overlap']:>6.0f}%")
 
 
 def plot_projection(records: list[dict], out_dir: str, suffix: str = "") -> pathlib.Path:
@@ -142,15 +182,18 @@ def plot_projection(records: list[dict], out_dir: str, suffix: str = "") -> path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_c, ax_o) = plt.subplots(1, 3, figsize=(15, 4.2))
     for routing, color in zip(ROUTINGS, ("tab:blue", "tab:orange", "tab:green")):
         for dispatch, style in zip(DISPATCHES, ("-", "--")):
-            pts = sorted((r["gpus"], r["step_ms"], 100 * r["comm_share"]) for r in records
+            pts = sorted((r["gpus"], r["step_ms"], 100 * r["comm_share"], r["step_overlap_ms"]) for r in records
                          if r["routing"] == routing and r["dispatch"] == dispatch)
             label = f"{routing}, {dispatch}"
             ax_t.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o", label=label)
             ax_c.plot([p[0] for p in pts], [p[2] for p in pts], style, color=color, marker="o", label=label)
-    for ax, label in ((ax_t, "step time, fwd+bwd (ms)"), (ax_c, "communication share of the step (%)")):
+            ax_o.plot([p[0] for p in pts], [p[3] for p in pts], style, color=color, marker="o", label=label)
+    chunks = records[0]["chunks"]
+    for ax, label in ((ax_t, "step time, fwd+bwd, no overlap (ms)"), (ax_c, "communication share, no overlap (%)"),
+                      (ax_o, f"step time with overlap_chunks={chunks} (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("GPUs (8 per node)")
         ax.set_ylabel(label)
@@ -173,6 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch-bytes", type=int, default=2, help="bytes per element of the dispatched rows (2: bf16)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per GPU (default 4096)")
     p.add_argument("--balanced", action="store_true", help="set the imbalance to 1 (a perfectly balanced router)")
+    p.add_argument("--chunks", type=int, default=4, help="overlap_chunks of the overlapped projection (default 4)")
+    p.add_argument("--validate-overlap", default=None, metavar="BENCH_OVERLAP_JSON",
+                   help="predict these bench_overlap.py runs with the overlap model (project_fit.validate_overlap)")
     for key, (value, _) in HARDWARE.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=float, default=value, help=f"default {value:g}")
     p.add_argument("--json", default=None, help="write the projection (and the validation) here")
@@ -182,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.gemm_eff <= 1:
         p.error("--gemm-eff must be in (0, 1]")
+    if args.chunks < 1:
+        p.error("--chunks must be a positive int")
     return args
 
 
@@ -191,7 +239,7 @@ def main(argv=None) -> dict:
     shape = Shape(tokens=args.tokens, dispatch_bytes=args.dispatch_bytes)
     hw = {key: getattr(args, key) for key in HARDWARE}
     hw_src = {key: (hw[key], src) for key, (_, src) in HARDWARE.items()}
-    records = project(stats["records"], shape, hw, args.gemm_eff, args.balanced)
+    records = project(stats["records"], shape, hw, args.gemm_eff, args.balanced, args.chunks)
     print_projection(records, shape, hw_src, args.gemm_eff, args.balanced, stats["source"])
     result = dict(shape=asdict(shape), hardware={k: dict(value=v, source=s) for k, (v, s) in hw_src.items()},
                   gemm_eff=args.gemm_eff, gemm_eff_is_assumption=True, balanced=args.balanced,
@@ -200,6 +248,10 @@ def main(argv=None) -> dict:
         from project_fit import validate
 
         result["validation"] = validate(json.loads(pathlib.Path(args.validate).read_text()), args.plot)
+    if args.validate_overlap:
+        from project_fit import validate_overlap
+
+        result["overlap_validation"] = validate_overlap(json.loads(pathlib.Path(args.validate_overlap).read_text()))
     if args.plot:
         print(f"wrote {plot_projection(records, args.plot, '_balanced' if args.balanced else '')}")
     if args.json:

@@ -184,3 +184,38 @@ def _plot(rows: list[dict], out_dir: str):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def validate_overlap(records: list[dict]) -> dict:
+    """Predict ``bench_overlap.py``'s forward+backward steps with ``overlap_model`` from its own measured parts.
+
+    Per layout and chunk count c: the forward's compute and link time are the run's ``compute_ms`` and
+    ``comm_ms`` of mode ``fwd``, the backward's the ``fwd+bwd`` ones minus them; each phase's link time is two
+    passes (dispatch and combine) of c chunks on one link, its compute c equal chunks. The prediction of
+    c = 1 is compute + link (nothing hidden); of c > 1 the pipelined schedule. Nothing is fitted.
+    """
+    from overlap_model import Phase, backward_time, forward_time
+
+    by_key = {(r["ep"], r["nodes"], r["chunks"], r["mode"]): r for r in records}
+    rows = []
+    print("\noverlap model against bench_overlap.py (emulated links), forward+backward:")
+    print(f"{'layout':<7}{'c':>3}{'measured ms':>13}{'predicted ms':>14}{'error':>8}")
+    for (ep, nodes, chunks, mode), both in sorted(by_key.items()):
+        if mode != "fwd+bwd":
+            continue
+        fwd = by_key[(ep, nodes, chunks, "fwd")]
+        phases = []
+        for compute_ms, comm_ms in ((fwd["compute_ms"], fwd["comm_ms"]),
+                                    (both["compute_ms"] - fwd["compute_ms"], both["comm_ms"] - fwd["comm_ms"])):
+            phases.append(Phase(outer_s=comm_ms * 1e-3 / (2 * chunks), inner_s=0.0,
+                                compute_s=compute_ms * 1e-3 / chunks))
+        predicted = (forward_time(phases[0], chunks) + backward_time(phases[1], chunks)) * 1e3
+        err = predicted / both["step_ms"] - 1
+        layout = "ep2" if nodes == ep else f"{nodes}x{ep // nodes}"
+        rows.append(dict(layout=layout, chunks=chunks, measured_ms=both["step_ms"], predicted_ms=predicted,
+                         error=err))
+        print(f"{layout:<7}{chunks:>3}{both['step_ms']:>13.1f}{predicted:>14.1f}{100 * err:>7.0f}%")
+    errors = [abs(r["error"]) for r in rows]
+    print(f"|error| over {len(rows)} runs: median {100 * statistics.median(errors):.0f}%, "
+          f"max {100 * max(errors):.0f}%")
+    return dict(runs=rows)

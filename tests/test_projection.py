@@ -64,3 +64,24 @@ def test_fit_line_recovers_alpha_and_bandwidth():
 
     alpha, bw = fit_line([(b, 3e-4 + b / 2e9) for b in (1e3, 1e5, 1e6, 1e7)])
     assert alpha == pytest.approx(3e-4) and bw == pytest.approx(2e9)
+
+
+def test_overlap_model_serial_and_pipelined_schedules():
+    """c = 1 exposes every transfer; c chunks with link time = compute time hide all but the fill and drain."""
+    from overlap_model import Phase, backward_time, forward_time, split
+
+    d, e = 0.3, 0.5  # one pass of the whole batch, the whole batch's compute
+    assert forward_time(Phase(d, 0.0, e), 1) == pytest.approx(2 * d + e)
+    assert backward_time(Phase(d, 0.0, e), 1) == pytest.approx(2 * d + e)
+    two_hop = Phase(d, 0.1, e)
+    assert forward_time(two_hop, 1) == pytest.approx(2 * d + 2 * 0.1 + e)
+    # 4 chunks, each pass 1 and each compute 2: the link carries 8 transfers of 1 and is never the bottleneck;
+    # forward = first dispatch (1) + 4 computes (8) + last combine (1)
+    assert forward_time(split(4.0, 0.0, 8.0, 4, 0.0, 0.0), 4) == pytest.approx(10.0)
+    # link-bound (passes of 2, compute 1 per chunk): the link is busy end to end, 8 transfers of 2
+    assert forward_time(split(8.0, 0.0, 4.0, 4, 0.0, 0.0), 4) == pytest.approx(16.0)
+    # every chunk pays its all-to-all start-up again
+    assert split(1.0, 0.0, 1.0, 4, alpha_outer=0.2, alpha_inner=0.0).outer_s == pytest.approx(0.2 + 0.8 / 4)
+    for c in (1, 2, 4, 8):  # never below the work of either resource
+        t = forward_time(split(4.0, 0.0, 8.0, c, 0.0, 0.0), c)
+        assert t >= max(8.0, 2 * 4.0) - 1e-9
