@@ -25,6 +25,7 @@ from moe_ep.distill import Distiller
 from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.training import TrainConfig
 from moe_ep.training.optim import build_optimizer
+from moe_ep.model_moe import total_aux_loss, update_moe_bias
 
 CASES = {"a": ("teacher_moe", "tiny-dense"), "b": ("teacher_dense", "tiny")}
 FEATURES = dict(hidden_loss_weight=1.0, attention_loss_weight=0.1, relation_loss_weight=1.0)
@@ -32,11 +33,11 @@ FEATURES = dict(hidden_loss_weight=1.0, attention_loss_weight=0.1, relation_loss
 
 def label_step(model: MoETransformerLM, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> None:
     logits = model(batch[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + model.aux_loss()
+    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + total_aux_loss(model)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    model.update_moe_bias()
+    update_moe_bias(model)
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
         for name, weights in (("kd", {}), ("kd_features", FEATURES)):
             distiller = Distiller(args.runs / teacher, MoETransformerLM(ModelConfig.preset(preset)),
                                   train_config=cfg, device="cpu", **weights)
-            kinds[name] = partial(distiller.train_step, batch[:, :-1], labels=batch[:, 1:])
+            kinds[name] = partial(distiller.train_step, batch, 0)
         samples = {name: [] for name in kinds}
         for step in kinds.values():  # warm-up
             step()

@@ -34,7 +34,7 @@ from moe_ep.checkpoint.save_load import load_weights
 from moe_ep.data import load_corpus
 from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.router import select_experts
-from moe_ep.training import latest_checkpoint
+from moe_ep.checkpoint import latest_checkpoint
 
 GPU_COUNTS = (8, 16, 32, 64, 128, 256)
 

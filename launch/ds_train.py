@@ -20,7 +20,6 @@ launch/train.py written at any layout. docs/deepspeed.md has the details.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -38,24 +37,12 @@ if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from moe_ep.checkpoint import restore_training_state  # noqa: E402
-from moe_ep.data import BatchSampler  # noqa: E402
-from moe_ep.activation_checkpointing import enable_activation_checkpointing  # noqa: E402
-from moe_ep.integrations.deepspeed import (deepspeed_parallel_state, deepspeed_precision,  # noqa: E402
-                                           grad_clip_plan, moe_layers, optimizer_param_groups, train_step,
-                                           undo_initial_optimizer_step, wrap_moe_layers)
-from moe_ep.training import TrainConfig, evaluate, plot_run  # noqa: E402
 from moe_ep.training.cli import (LOOP_FLAGS, add_model_arguments, add_run_arguments,  # noqa: E402
                                  add_schedule_arguments, blame, check_checkpoint_folder, check_model_arguments,
-                                 check_run_arguments, seq_len)
-from moe_ep.training.metrics import IntervalMeter, MetricsLog, ProgressBar  # noqa: E402
-from moe_ep.training.model_source import build_model, default_seq_len, run_record, save_hf  # noqa: E402
-from moe_ep.training.optim import lr_at  # noqa: E402
-
-_DEFAULTS = TrainConfig()
-CKPT_DIR = "ds_ckpt"
+                                 check_run_arguments)
+from moe_ep.training.deepspeed import (CKPT_DIR, config_fields, deepspeed_precision, deepspeed_run,  # noqa: E402
+                                       grad_clip_plan, read_ds_config, train_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         deepspeed_precision(ds_config)
         ds_fields = config_fields(ds_config, args.deepspeed_config)
     with blame(p, {**LOOP_FLAGS, **dict.fromkeys(ds_fields, "--deepspeed_config")}):
-        cfg = train_config(args, ds_fields, seq_len(args, default_seq_len(args)))
+        cfg = train_config(args, ds_fields)
     check_run_arguments(p, args, cfg, model)
     if args.resume and not (Path(args.out) / CKPT_DIR / "latest").is_file():
         p.error(f"argument --resume: no DeepSpeed checkpoint under {Path(args.out) / CKPT_DIR} (no 'latest' file)")
@@ -102,148 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def read_ds_config(path: str) -> dict:
-    """The DeepSpeed config file as a dict; ``ValueError`` / ``OSError`` when it does not read as a JSON object."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return config
-
-
-def config_fields(ds_config: dict, path: str) -> dict:
-    """The ``TrainConfig`` fields the DeepSpeed config sets: batch per rank and step, micro-batches, AdamW settings,
-    clipping; ``ValueError`` naming ``path`` when it lacks them or they are not numbers."""
-    optimizer = ds_config.get("optimizer", {})
-    if optimizer.get("type", "").lower() not in ("adamw", "adam"):
-        raise ValueError(f"{path}: optimizer.type must be AdamW (the plain loop's optimizer)")
-    params = optimizer.get("params", {})
-    if "train_micro_batch_size_per_gpu" not in ds_config:
-        raise ValueError(f"{path}: set train_micro_batch_size_per_gpu (sequences per rank)")
-    try:
-        accum = int(ds_config.get("gradient_accumulation_steps", 1))
-        beta1, beta2 = (float(b) for b in params.get("betas", (_DEFAULTS.beta1, _DEFAULTS.beta2)))
-        # the plain loop's batch_size is per rank per optimizer step: the micro-batches of one step
-        return dict(batch_size=int(ds_config["train_micro_batch_size_per_gpu"]) * accum, grad_accum=accum,
-                    lr=float(params.get("lr", _DEFAULTS.lr)), weight_decay=float(params.get("weight_decay", 0.0)),
-                    beta1=beta1, beta2=beta2, grad_clip=float(ds_config.get("gradient_clipping", 0.0) or 0.0) or None)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
-def train_config(args: argparse.Namespace, ds_fields: dict, seq_len: int) -> TrainConfig:
-    """The plain loop's ``TrainConfig``: the schedule and run flags, and ``ds_fields`` (``config_fields``)."""
-    return TrainConfig(steps=args.steps, activation_checkpointing=args.activation_checkpointing, seq_len=seq_len,
-                       min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, log_every=args.log_every,
-                       val_every=args.val_every, ckpt_every=args.ckpt_every, val_batches=args.val_batches,
-                       seed=args.seed, out_dir=args.out, **ds_fields)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    ds_config = read_ds_config(args.deepspeed_config)
-    engine_config, manual_clip = grad_clip_plan(ds_config)
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    precision = deepspeed_precision(ds_config)
-
-    parallel = deepspeed_parallel_state(args.ep_size, nodes=args.nodes)
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    cfg = train_config(args, config_fields(ds_config, args.deepspeed_config), seq_len(args, default_seq_len(args)))
-    out_dir = Path(cfg.out_dir)
-
-    torch.manual_seed(cfg.seed + rank)  # training-time noise (router jitter); weights have their own seeds
-    source = build_model(args, parallel, device, seed=cfg.seed)
-    model, corpus = source.model, source.corpus
-    sampler = BatchSampler(corpus, cfg.batch_size, cfg.seq_len, cfg.seed, rank, parallel.world_size)
-    restored = None
-    if args.init_from:
-        restored = restore_training_state(Path(args.init_from), model, sampler, parallel, cfg)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    wrap_moe_layers(model, args.ep_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
-                                           model_parameters=optimizer_param_groups(model, cfg.weight_decay))
-    undo_initial_optimizer_step(engine)  # bf16 at ZeRO 0: DeepSpeed's wrapper took an AdamW step at construction
-
-    start = 0
-    if restored is not None:
-        start = restored.step
-        if isinstance(engine.optimizer, torch.optim.AdamW):
-            restored.load_optimizer(engine.optimizer)
-        elif rank == 0:
-            print(f"[moe_ep/deepspeed] --init-from: {type(engine.optimizer).__name__} keeps AdamW state in its own "
-                  f"partitions; the moments restart from zero (weights, step and data position are restored)",
-                  flush=True)
-    if args.resume:
-        load_path, client_state = engine.load_checkpoint(str(out_dir / CKPT_DIR))
-        if load_path is None:
-            raise SystemExit(f"--resume: no DeepSpeed checkpoint under {out_dir / CKPT_DIR}")
-        # the data position is saved by rank 0 (layout-free); every rank checks it against its own sampler
-        start = sampler.check_resume(client_state["data"])
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_info = run_record(source.info, cfg, parallel, device, corpus,
-                              deepspeed=dict(version=deepspeed.__version__, zero_stage=stage, precision=precision,
-                                             config=ds_config,
-                                             clipping="moe_ep.clip_gradients" if manual_clip else "deepspeed"),
-                              resumed_at_step=start or None, init_from=args.init_from)
-        (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"[moe_ep/deepspeed] {args.hf_model or args.preset}: {n_params / 1e6:.2f}M parameters on rank 0, "
-              f"world {parallel.world_size} (dp {parallel.dp_size} x ep {parallel.ep_size}), ZeRO stage {stage}, "
-              f"{precision}, {cfg.grad_accum} micro-batch(es) per step, {device}", flush=True)
-
-    log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0, start_step=start)
-    val_batches = [b.to(device) for b in sampler.val_batches(cfg.val_batches)]
-    moe = moe_layers(model)
-    meter = IntervalMeter(len(moe), moe[0].config.n_routed_experts,
-                          cfg.batch_size * cfg.seq_len * parallel.world_size, device)
-    bar = ProgressBar(cfg.steps, start, enabled=rank == 0)
-    val_losses: dict[int, float] = {}
-    engine.train()
-    for step in range(start, cfg.steps + 1):
-        last = step == cfg.steps
-        record = {}
-        if step > start and (step % cfg.log_every == 0 or last):
-            record.update(meter.flush(parallel))
-        if step == start or step % cfg.val_every == 0 or last:
-            val_losses[step] = record["val_loss"] = evaluate(model, val_batches, parallel)
-        if record:
-            log.write(dict(step=step, **record))
-            bar.show(record)
-        if cfg.ckpt_every and step > start and (step % cfg.ckpt_every == 0 or last):
-            engine.save_checkpoint(str(out_dir / CKPT_DIR), tag=f"step_{step:04d}",
-                                   client_state=dict(data=sampler.state_dict(step), train_config=cfg.to_dict(),
-                                                     model_config=source.info))
-        if last:
-            break
-        meter.begin_step()
-        batch = sampler.batch(step).to(device, non_blocking=True)
-        lr = lr_at(step, cfg)
-        meter.add(train_step(engine, model, batch, lr, parallel, manual_clip), lr)
-        bar.advance()
-    bar.close()
-
-    if rank == 0:
-        plots = plot_run(out_dir)
-        first, final = min(val_losses), max(val_losses)
-        print(f"[moe_ep/deepspeed] val loss {val_losses[first]:.3f} (step {first}) -> {val_losses[final]:.3f} "
-              f"(step {final})", flush=True)
-        print(f"[moe_ep/deepspeed] metrics: {out_dir / 'metrics.jsonl'}", flush=True)
-        for path in plots:
-            print(f"[moe_ep/deepspeed] plot: {path}", flush=True)
-    if args.save_hf:
-        save_hf(source, args.save_hf)
-        if rank == 0:
-            print(f"[moe_ep/deepspeed] transformers model: {args.save_hf}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    deepspeed_run(parse_args(argv))
 
 
 if __name__ == "__main__":

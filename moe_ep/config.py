@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .activations import ACTIVATIONS
+from .precision import DTYPES
 from .expert_backend import BACKENDS as EXPERT_BACKENDS
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -25,8 +26,6 @@ TOPK_METHODS = ("greedy", "device_limited", "node_limited")
 LOSS_SCOPES = ("sequence", "batch")
 DROP_POLICIES = ("affinity", "position")
 DISPATCHERS = ("auto", "flat", "hierarchical")
-_ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64,
-                  "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KINDS = {int: "an int", float: "a number", bool: "a bool", str: "a string"}
 
 
@@ -230,8 +229,8 @@ class MoEConfig:
              f"unknown {self.scoring_func!r}; choose from {SCORING_FUNCS}")
         need(self.topk_method in TOPK_METHODS, "topk_method",
              f"unknown {self.topk_method!r}; choose from {TOPK_METHODS}")
-        need(self.router_dtype in _ROUTER_DTYPES, "router_dtype",
-             f"unknown {self.router_dtype!r}; choose from {tuple(_ROUTER_DTYPES)}")
+        need(self.router_dtype in DTYPES, "router_dtype",
+             f"unknown {self.router_dtype!r}; choose from {tuple(DTYPES)}")
         need(self.loss_scope in LOSS_SCOPES, "loss_scope", f"unknown {self.loss_scope!r}; choose from {LOSS_SCOPES}")
         need(self.drop_policy in DROP_POLICIES, "drop_policy",
              f"unknown {self.drop_policy!r}; choose from {DROP_POLICIES}")
@@ -281,7 +280,7 @@ class MoEConfig:
     # --------------------------------------------------------------- derived
     @property
     def torch_router_dtype(self) -> torch.dtype:
-        return _ROUTER_DTYPES[self.router_dtype]
+        return DTYPES[self.router_dtype]
 
     @property
     def group_score_k(self) -> int:
@@ -292,10 +291,6 @@ class MoEConfig:
     def shared_width(self) -> int:
         """Total intermediate width of the fused shared-expert FFN."""
         return self.n_shared_experts * (self.shared_intermediate_size or self.moe_intermediate_size)
-
-    @property
-    def drops_tokens(self) -> bool:
-        return self.expert_capacity_factor is not None or self.device_capacity_factor is not None
 
     def replace(self, **changes: Any) -> "MoEConfig":
         """A validated copy with some fields changed (``ValueError`` for a field that does not exist)."""

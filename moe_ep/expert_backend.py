@@ -13,9 +13,9 @@ Every backend provides the three products ``moe_ep.expert_ffn`` needs:
 ``workspace`` / ``out`` arguments name an ``[R, H]`` buffer the caller no
 longer needs: backends that can write into it do (the gathered rows of
 ``pre``/``up``, the output of ``mm``), others ignore it. On CPU this matters:
-a fresh buffer over glibc's 32 MiB mmap threshold is new pages on every call
-(measured: a fresh 48 MiB ``index_select`` costs 33 ms, into an existing
-buffer 6 ms).
+a fresh buffer over glibc's mmap threshold is new pages (page faults) on every
+call; a reused one is not (docs/performance.md, "The expert FFN", has the
+numbers).
 
 * ``triton``: ``moe_ep.kernels`` (CUDA; the interpreter on CPU). ``up`` is one
   fused launch: the gather happens on load, the activation and the gate
@@ -31,9 +31,8 @@ buffer 6 ms).
 float16; ``torch._grouped_mm`` there without Triton, where it runs for the
 dtype and strides) and the loop otherwise: for other dtypes (float64) and on
 CPU, where the per-expert ``torch.mm`` calls write into the reused workspace
-while ``torch._grouped_mm`` allocates every output (per-op minima of a
-profiled 64-expert forward: 148 ms of GEMM for the loop, 204 ms for
-``_grouped_mm``; docs/performance.md). Empty batches take the loop unless
+while ``torch._grouped_mm`` allocates every output (slower there in the
+profile of docs/performance.md). Empty batches take the loop unless
 Triton is asked for (``torch._grouped_mm`` rejects them). An explicit
 ``triton`` or ``torch`` that cannot run the dtype (or, for ``torch``, this
 torch, device or strides) raises ``ValueError`` saying why.
@@ -130,7 +129,7 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
     # Forward and backward also multiply by the transposed weights and produce [R, dim] rows of every width.
     aligned = same_dtype and _aligned(x) and all(_aligned(w) and _aligned(w.transpose(1, 2)) for w in weights)
     return choose_backend(requested, x.device.type, x.dtype, x.shape[0] if n_rows is None else n_rows,
-                          triton=x.is_cuda and triton_available(),  # importing Triton costs ~100 MiB: CUDA only
+                          triton=x.is_cuda and triton_available(),  # only CUDA runs it: no Triton import on CPU
                           grouped_mm=grouped_mm_problem(x.device.type, x.dtype, capability),
                           aligned=aligned)
 
@@ -214,9 +213,8 @@ class TorchOps(_GatherThenUp, _GroupedDownBackward):
     """``torch._grouped_mm`` with int32 offsets (no host sync).
 
     On CPU the weight gradient is the per-expert loop: ``torch._grouped_mm``'s
-    ``[K, R] x [R, N]`` form ran about 1.2x slower than the loop there (64 experts
-    of 384 rows, 512 x 256; /tmp-free measurement in docs/performance.md), and a
-    host read of the counts costs nothing on CPU.
+    ``[K, R] x [R, N]`` form is slower than the loop there (docs/performance.md),
+    and a host read of the counts costs nothing on CPU.
     """
 
     @staticmethod

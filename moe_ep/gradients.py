@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layer import MoELayer
-from .state import ParallelState
+from .layer import MoELayer
+from .parallel.state import ParallelState
 
 DEFAULT_BUCKET_BYTES = 16 << 20
 

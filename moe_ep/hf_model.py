@@ -1,11 +1,10 @@
 """Expert parallelism for a whole transformers DeepSeek model in one call, and the way back.
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     parallel = moe_ep.init_expert_parallel(ep_size=4)
-    expert_parallelize(model, parallel, seq_balance_coef=1e-4)    # in place; returns the model
+    model = load_causal_lm(folder, parallel, seq_balance_coef=1e-4)  # from_pretrained + expert_parallelize
     loss = model(input_ids, labels=labels).loss + total_aux_loss(model)
     loss.backward(); sync_gradients(model, parallel); optimizer.step(); update_moe_bias(model)
-    save_hf_pretrained(model, "out/")      # collective; rank 0 writes a folder from_pretrained reads
+    save_pretrained(model, "out/")         # collective; rank 0 writes a folder from_pretrained reads
 
 ``expert_parallelize`` swaps every ``DeepseekV2Moe`` / ``DeepseekV3MoE`` of
 the model for an ``ExpertParallelMoE`` holding an ``MoELayer`` built on
@@ -14,7 +13,7 @@ in, a tensor of the same shape out, as the decoder layers of transformers 5.x
 expect), same routing, only this rank's experts. Everything else (attention,
 norms, embeddings, dense MLPs, ``generate``, ``labels`` loss) is the model's
 own code. ``moe_ep.model_moe`` collects the auxiliary losses, statistics and
-V3 bias updates; ``parallel.grads.sync_gradients`` and the DeepSpeed wrapper
+V3 bias updates; ``gradients.sync_gradients`` and the DeepSpeed wrapper
 find the layers' experts as in ``MoETransformerLM``.
 
 Under expert parallelism every forward is collective (all-to-all per MoE
@@ -23,7 +22,8 @@ generation too.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -32,10 +32,11 @@ from torch import nn
 from .config import hf_config_fields
 from .interop import from_hf_moe, hf_moe_config, to_hf_state_dict
 from .layer import MoELayer
-from .model_moe import moe_layers
+from .model_moe import child_slots, moe_layers
 from .parallel.state import ParallelState
 
-__all__ = ["ExpertParallelMoE", "HF_MOE_BLOCK_NAMES", "expert_parallelize", "hf_state_dict", "save_hf_pretrained"]
+__all__ = ["ExpertParallelMoE", "HF_MOE_BLOCK_NAMES", "expert_parallelize", "hf_state_dict", "load_causal_lm",
+           "save_pretrained"]
 
 # transformers 5.x names, and the Hub remote-code spelling of V2 (its layout is refused with a clear error).
 HF_MOE_BLOCK_NAMES = ("DeepseekV2Moe", "DeepseekV2MoE", "DeepseekV3MoE")
@@ -58,12 +59,6 @@ class ExpertParallelMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaces}"
-
-
-def _block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every transformers DeepSeek MoE block, in module order (no block references kept)."""
-    return [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-            if type(child).__name__ in HF_MOE_BLOCK_NAMES]
 
 
 def _check_call_contract(block: nn.Module, hidden_size: int) -> None:
@@ -102,7 +97,7 @@ def expert_parallelize(model: nn.Module, parallel: ParallelState, **overrides: A
     hf_config = getattr(model, "config", None)
     if hf_config is None:
         raise ValueError(f"expert_parallelize: {type(model).__name__} has no transformers config (.config)")
-    slots = _block_slots(model)
+    slots = child_slots(model, lambda child: type(child).__name__ in HF_MOE_BLOCK_NAMES)
     if not slots:
         raise ValueError(f"expert_parallelize: {type(model).__name__} has no DeepSeek MoE block "
                          f"({' / '.join(HF_MOE_BLOCK_NAMES)}); nothing to make expert-parallel")
@@ -147,18 +142,40 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
-    """``model.save_pretrained(save_directory, state_dict=hf_state_dict(model), **kwargs)`` on rank 0.
+def load_causal_lm(folder: Union[str, Path], parallel: Optional[ParallelState] = None,
+                   dtype: torch.dtype = torch.float32, **overrides: Any) -> nn.Module:
+    """A transformers causal LM from a local ``save_pretrained`` folder (nothing is downloaded), KV cache off.
 
-    Collective (every rank calls it; the others wait at a barrier until the
-    folder is written). ``from_pretrained`` on one process then gives the
-    same outputs as the expert-parallel model. moe_ep-only settings (the
-    ``overrides`` of ``expert_parallelize``) are not part of a transformers
-    config and are not saved.
+    ``parallel``: made expert-parallel on it (``expert_parallelize`` with the
+    ``MoEConfig`` ``overrides``), on the CPU, so only this rank's experts are
+    kept; None: the model as transformers builds it (replicated, its MoE
+    blocks its own). Parameters in ``dtype``. The caller moves it to its device.
     """
-    state = hf_state_dict(model)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        model.save_pretrained(save_directory, state_dict=state, **kwargs)
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"load_causal_lm: {folder} has no config.json (expected a folder written by save_pretrained)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model.config.use_cache = False
+    return expert_parallelize(model, parallel, **overrides) if parallel is not None else model
+
+
+def save_pretrained(model: nn.Module, folder: Union[str, Path], tokenizer: Any = None, **kwargs: Any) -> Path:
+    """Write a transformers model (and ``tokenizer``) to ``folder`` that ``from_pretrained`` reads on one process.
+
+    A model made expert-parallel by ``expert_parallelize`` is written with
+    ``hf_state_dict`` (experts gathered over the EP group: every key of the
+    original model); any other as it is. Collective when a process group
+    exists: every rank calls it, rank 0 writes, the others wait at a barrier.
+    moe_ep-only settings (the ``overrides`` of ``expert_parallelize``) are not
+    part of a transformers config and are not saved.
+    """
+    parallel_blocks = any(isinstance(m, ExpertParallelMoE) for m in model.modules())
+    state = hf_state_dict(model) if parallel_blocks else None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(folder, state_dict=state, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     if dist.is_initialized():
         dist.barrier()
+    return Path(folder)

@@ -10,12 +10,13 @@ holds the layer, so it is found too). The training loops use them:
     update_moe_bias(model)                         once per applied optimizer step
     discard_moe_pending(model)                     instead, for a step the optimizer skipped (fp16 overflow)
 
-``MoEBalancing`` gives a model class the same four as methods
-(``moe_layers()``, ``aux_loss()``, ``update_moe_bias()``, ``parameter_counts()``).
+These functions are the one route to a model's MoE layers: the layer's own
+``aux_loss`` / ``update_bias()`` below, a model's through them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ from .layer import MoELayer
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every ``MoELayer`` of ``model`` in module order (depth order for a decoder), wrapped or not."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def child_slots(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[nn.Module, str]]:
+    """``(parent, attribute)`` of every submodule of ``model`` that ``match`` accepts, in module order.
+
+    The one way to find modules to replace in place (``setattr(parent, attribute, new)``): the
+    DeepSpeed wrapper, ``hf_model.expert_parallelize``. No reference to the matched modules is kept.
+    """
+    return [(parent, name) for parent in model.modules() for name, child in parent.named_children() if match(child)]
 
 
 def total_aux_loss(model: nn.Module) -> torch.Tensor:
@@ -73,22 +83,3 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
         total += routed - shard
         activated += routed * layer.config.num_experts_per_tok // layer.config.n_routed_experts - shard
     return ParameterCounts(total=total, activated=activated)
-
-
-class MoEBalancing:
-    """Mixin for ``nn.Module`` language models whose FFNs may be ``MoELayer``s (none is fine)."""
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE FFNs, in depth order."""
-        return moe_layers(self)
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' auxiliary losses of the last forward; 0 without MoE."""
-        return total_aux_loss(self)
-
-    def update_moe_bias(self) -> None:
-        """One aux-free bias step per MoE layer; call once per optimizer step."""
-        update_moe_bias(self)
-
-    def parameter_counts(self) -> ParameterCounts:
-        return parameter_counts(self)

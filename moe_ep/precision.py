@@ -1,4 +1,6 @@
-"""Explicit dtypes inside the MoE layer: the experts' compute dtype, and autocast switched off.
+"""Dtypes by name, and explicit dtypes inside the MoE layer: the experts' compute dtype, autocast switched off.
+
+``DTYPES`` is the one map from the names configs and flags use to torch dtypes.
 
 Under ``torch.autocast`` the layer computes its experts in the autocast dtype
 and everything else in the dtypes it chooses (moe_ep/layer.py); inside, it
@@ -8,9 +10,20 @@ autocast (``meta``) have nothing to switch off.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Sequence, Union
 
 import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], what: str, choices: Sequence[str] = tuple(DTYPES)) -> torch.dtype:
+    """The torch dtype ``dtype`` names (or is), when one of ``choices``; else ``ValueError`` naming ``what``."""
+    allowed = {DTYPES[name] for name in choices}
+    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in allowed:
+        raise ValueError(f"{what}: unknown or unsupported dtype {dtype!r}; choose from {list(choices)}")
+    return resolved
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

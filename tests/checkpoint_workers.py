@@ -78,7 +78,7 @@ def recording():
 
 def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
     """Unsharded copies of every model tensor and optimizer state tensor (experts gathered over EP)."""
-    from moe_ep.parallel.grads import partition_parameters
+    from moe_ep.gradients import partition_parameters
 
     experts = {id(p) for p in partition_parameters(model)[1]}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -94,11 +94,13 @@ def full_state(model, optimizer, parallel) -> dict[str, torch.Tensor]:
 
 
 def manual_steps(model, optimizer, sampler, parallel, cfg, steps: int) -> None:
-    """``steps`` plain-loop steps at the optimizer's current learning rate (no schedule)."""
-    from moe_ep.training.step import train_step
+    """``steps`` plain-trainer steps with ``optimizer`` at its current learning rate (no schedule)."""
+    from moe_ep.training import PlainTrainer
 
+    trainer = PlainTrainer(model, parallel, cfg)
+    trainer.optimizer = optimizer
     for step in range(steps):
-        train_step(model, optimizer, sampler.batch(step), optimizer.param_groups[0]["lr"], parallel, cfg)
+        trainer.update(sampler.batch(step), optimizer.param_groups[0]["lr"])
 
 
 def write_reference(rank: int, world: int, ep_size: int, root: str) -> list[str]:
@@ -106,7 +108,7 @@ def write_reference(rank: int, world: int, ep_size: int, root: str) -> list[str]
 
     Returns the names of the files this rank hashed while saving.
     """
-    from moe_ep.checkpoint import save_checkpoint
+    from moe_ep.training.checkpoints import save_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact")
@@ -125,7 +127,7 @@ def load_and_compare(world: int, ep_size: int, root: str) -> dict:
 
     Also which files this rank checksummed while loading, and how often it parsed ``.metadata``.
     """
-    from moe_ep.checkpoint import load_checkpoint
+    from moe_ep.training.checkpoints import load_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     parallel, cfg, sampler, model = setup(world, ep_size, Path(root) / "exact-load")
@@ -148,7 +150,8 @@ def damaged_load_error(rank: int, world: int, ep_size: int, root: str) -> dict:
     """
     import torch.distributed as dist
 
-    from moe_ep.checkpoint import CheckpointError, load_checkpoint, read_manifest
+    from moe_ep.checkpoint import CheckpointError, read_manifest
+    from moe_ep.training.checkpoints import load_checkpoint
     from moe_ep.checkpoint.integrity import share
     from moe_ep.training.optim import build_optimizer
 
@@ -167,11 +170,11 @@ def damaged_load_error(rank: int, world: int, ep_size: int, root: str) -> dict:
 
 
 def train_run(world: int, ep_size: int, out_dir: str, resume_from: str | None) -> None:
-    """``moe_ep.training.train`` at (world, ep_size), from scratch or resumed; metrics go to ``out_dir``."""
-    from moe_ep.training import train
+    """The driver with a ``PlainTrainer`` at (world, ep_size), from scratch or resumed; metrics go to ``out_dir``."""
+    from moe_ep.training import PlainTrainer, run
 
     parallel, cfg, sampler, model = setup(world, ep_size, out_dir)
-    train(model, sampler, parallel, cfg, resume_from=Path(resume_from) if resume_from else None)
+    run(PlainTrainer(model, parallel, cfg), sampler, parallel, cfg, resume=Path(resume_from) if resume_from else None)
 
 
 def source_then_resume(rank: int, world: int, root: str) -> dict:

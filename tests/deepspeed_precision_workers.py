@@ -11,13 +11,14 @@ import torch
 
 from . import deepspeed_workers as ds_workers
 from . import precision_workers as plain_workers
+from moe_ep.model_moe import moe_layers
 
 
 def _engine(model, cfg, stage: int, **config_overrides):
     """A DeepSpeed engine around ``model`` (wrapped here) with ``ds_workers.ds_config`` plus ``config_overrides``."""
     import deepspeed
-    from moe_ep.integrations.deepspeed import (grad_clip_plan, optimizer_param_groups, undo_initial_optimizer_step,
-                                               wrap_moe_layers)
+    from moe_ep.integrations.deepspeed import wrap_moe_layers
+    from moe_ep.training.deepspeed import grad_clip_plan, optimizer_param_groups, undo_initial_optimizer_step
 
     wrap_moe_layers(model, model.parallel.ep_size)
     config, manual_clip = grad_clip_plan({**ds_workers.ds_config(cfg, stage), **config_overrides})
@@ -51,7 +52,7 @@ def _masters(engine, model) -> dict[str, torch.Tensor]:
 
 
 def _steps(engine, model, parallel, sampler, cfg, manual_clip, steps: range) -> list:
-    from moe_ep.integrations.deepspeed import train_step
+    from moe_ep.training.deepspeed import deepspeed_step as train_step
     from moe_ep.training.optim import lr_at
 
     return [train_step(engine, model, sampler.batch(step), lr_at(step, cfg), parallel, manual_clip) for step in steps]
@@ -72,15 +73,13 @@ BF16_ADAM_EPS = 1e-3
 def _plain_run(parallel, sampler, cfg, n_steps: int, adam_eps: float) -> tuple[dict, list]:
     """The plain loop's ``n_steps`` from seed 0: (final weights and bias by plain name, step results)."""
     from moe_ep.models import MoETransformerLM
-    from moe_ep.training.optim import build_optimizer, lr_at
-    from moe_ep.training.step import train_step
+    from moe_ep.training import PlainTrainer
 
     model = MoETransformerLM(ds_workers.model_config(), parallel, seed=0)
-    optimizer = build_optimizer(model, cfg)
-    for group in optimizer.param_groups:
+    trainer = PlainTrainer(model, parallel, cfg)
+    for group in trainer.optimizer.param_groups:
         group["eps"] = adam_eps
-    results = [train_step(model, optimizer, sampler.batch(step), lr_at(step, cfg), parallel, cfg)
-               for step in range(n_steps)]
+    results = [trainer.train_step(sampler.batch(step), step) for step in range(n_steps)]
     return ds_workers._state(model), results
 
 
@@ -138,7 +137,7 @@ def accumulation_matches_one_batch(rank: int, world: int, cases: tuple = ((1, 0)
             (result,) = _steps(engine, model, parallel, sampler, cfg, manual_clip, range(1))
             runs.append(dict(result=result, masters=_masters(engine, model), initial=initial,
                              bias=plain_workers._bias(model),
-                             pending=[float(layer.load_accum.abs().sum()) for layer in model.moe_layers()]))
+                             pending=[float(layer.load_accum.abs().sum()) for layer in moe_layers(model)]))
         one, two = runs
         out[ep] = dict(stage=stage, micro_batches=(len(one["result"].stats), len(two["result"].stats)),
                        param_diff=ds_workers._max_diff(one["masters"], two["masters"]),
@@ -171,7 +170,7 @@ def fp16_overflow_changes_nothing(rank: int, world: int, stage: int = 2) -> dict
     model = MoETransformerLM(plain_workers.model_config(**plain_workers.DROPPING_MOE), parallel, seed=0)
     engine, manual_clip = _engine(model, cfg, stage, fp16={"enabled": True, "loss_scale": 0,
                                                            "initial_scale_power": 8})
-    layers = model.moe_layers()
+    layers = moe_layers(model)
 
     def snapshot() -> dict:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -191,7 +190,7 @@ def fp16_overflow_changes_nothing(rank: int, world: int, stage: int = 2) -> dict
     results += _steps(engine, model, parallel, sampler, cfg, manual_clip, range(2, 3))
     after_next = snapshot()
     for result in results:
-        meter.add(result, cfg.lr)
+        meter.add(result)
     record = meter.flush(parallel)
     return dict(applied=[r.applied for r in results], dropped=sum(int(s.dropped_pairs) for s in results[1].stats[0]),
                 masters_diff=ds_workers._max_diff(before["masters"], after_skip["masters"]),

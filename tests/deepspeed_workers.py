@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 
 import torch
+from moe_ep.model_moe import moe_layers
 
 PLAIN_NAME = ".moe."  # the level a wrapper adds to parameter names
 
@@ -51,18 +52,16 @@ def _sampler(cfg, rank: int, world: int):
 
 
 def _plain_steps(model, parallel, sampler, cfg, steps: range, snapshots: list | None = None) -> list[float]:
-    """The plain loop's step (``moe_ep.training.step.train_step``) on ``steps``; returns the grad norms.
+    """The plain trainer's step (``moe_ep.training.PlainTrainer``) on ``steps``; returns the grad norms.
 
     ``snapshots`` (optional) receives ``_state(model)`` after each step.
     """
-    from moe_ep.training.optim import build_optimizer, lr_at
-    from moe_ep.training.step import train_step
+    from moe_ep.training import PlainTrainer
 
-    optimizer = build_optimizer(model, cfg)
+    trainer = PlainTrainer(model, parallel, cfg)
     norms = []
     for step in steps:
-        norms.append(float(train_step(model, optimizer, sampler.batch(step), lr_at(step, cfg), parallel,
-                                      cfg).grad_norm))
+        norms.append(float(trainer.train_step(sampler.batch(step), step).grad_norm))
         if snapshots is not None:
             snapshots.append(_state(model))
     return norms
@@ -70,7 +69,8 @@ def _plain_steps(model, parallel, sampler, cfg, steps: range, snapshots: list | 
 
 def _engine(parallel, cfg, stage: int, seed: int, ep_size: int):
     import deepspeed
-    from moe_ep.integrations.deepspeed import grad_clip_plan, optimizer_param_groups, wrap_moe_layers
+    from moe_ep.integrations.deepspeed import wrap_moe_layers
+    from moe_ep.training.deepspeed import grad_clip_plan, optimizer_param_groups
     from moe_ep.models import MoETransformerLM
 
     model = MoETransformerLM(model_config(), parallel, seed=seed)
@@ -83,13 +83,13 @@ def _engine(parallel, cfg, stage: int, seed: int, ep_size: int):
 
 def _ds_steps(engine, model, parallel, sampler, cfg, manual_clip, steps: range,
               snapshots: list | None = None) -> list[float]:
-    """``train_step`` (what launch/ds_train.py runs) on ``steps``; returns the grad norms."""
-    from moe_ep.integrations.deepspeed import train_step
+    """``deepspeed_step`` (what launch/ds_train.py runs) on ``steps``; returns the grad norms."""
+    from moe_ep.training.deepspeed import deepspeed_step
     from moe_ep.training.optim import lr_at
 
     norms = []
     for step in steps:
-        norms.append(float(train_step(engine, model, sampler.batch(step), lr_at(step, cfg), parallel,
+        norms.append(float(deepspeed_step(engine, model, sampler.batch(step), lr_at(step, cfg), parallel,
                                       manual_clip).grad_norm))
         if snapshots is not None:
             snapshots.append(_state(model))
@@ -172,7 +172,7 @@ def equivalence_and_checkpoints(rank: int, world: int, cases: list[dict], ckpt_r
 def expert_resharding(rank: int, world: int, ckpt_root: str) -> dict:
     """A checkpoint saved at ep=2 loads into an ep=1 model (per-expert files are EP-independent)."""
     import moe_ep
-    from moe_ep.integrations.deepspeed import deepspeed_parallel_state, moe_layers
+    from moe_ep.integrations.deepspeed import deepspeed_parallel_state
 
     cfg = train_config()
     sampler = _sampler(cfg, rank, world)
@@ -202,8 +202,9 @@ def wrapper_properties(rank: int, world: int) -> dict:
     from deepspeed.moe.utils import is_moe_param
 
     from moe_ep.integrations.deepspeed import (DS_EXPERT_PREFIX, DeepSpeedMoE, deepspeed_parallel_state,
-                                               optimizer_param_groups, unwrap_moe_layers, wrap_moe_layers)
+                                               unwrap_moe_layers, wrap_moe_layers)
     from moe_ep.models import MoETransformerLM
+    from moe_ep.training.deepspeed import optimizer_param_groups
 
     parallel = deepspeed_parallel_state(2)
     model = MoETransformerLM(model_config(), parallel, seed=0)
@@ -253,7 +254,7 @@ def wrapper_properties(rank: int, world: int) -> dict:
     unwrap_moe_layers(model)
     out["unwrapped_sd_equal"] = (model.state_dict().keys() == plain_sd.keys()
                                  and all(torch.equal(model.state_dict()[k], v) for k, v in plain_sd.items()))
-    out["unwrapped_model_finds_layers"] = len(model.moe_layers())
+    out["unwrapped_model_finds_layers"] = len(moe_layers(model))
     out["wrapper_type_ok"] = isinstance(wrappers[0], DeepSpeedMoE)
     return out
 
@@ -262,8 +263,8 @@ def checkpoint_conversion(rank: int, world: int, root: str) -> dict:
     """Engine checkpoint (ep 2) -> moe_ep format -> DeepSpeed files -> a fresh engine: weights equal throughout."""
     import torch.distributed as dist
 
-    from moe_ep.checkpoint.convert import from_deepspeed, load_model, to_deepspeed
-    from moe_ep.integrations.deepspeed import deepspeed_parallel_state, moe_layers
+    from moe_ep.training.convert import from_deepspeed, load_model, to_deepspeed
+    from moe_ep.integrations.deepspeed import deepspeed_parallel_state
 
     cfg = train_config()
     sampler = _sampler(cfg, rank, world)

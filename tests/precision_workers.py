@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .deepspeed_workers import _max_diff, _sampler
+from moe_ep.model_moe import moe_layers
 
 SEQ_LEN = 32
 
@@ -44,7 +45,7 @@ def batches(cfg, rank: int, world: int, n: int) -> list[torch.Tensor]:
 
 
 def _bias(model) -> torch.Tensor:
-    return torch.cat([layer.router.e_score_correction_bias for layer in model.moe_layers()])
+    return torch.cat([layer.router.e_score_correction_bias for layer in moe_layers(model)])
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -60,31 +61,30 @@ def run_steps(parallel, train_cfg, model_cfg, steps: int, rank: int = 0, world: 
     """
     from moe_ep.activation_checkpointing import enable_activation_checkpointing
     from moe_ep.models import MoETransformerLM
-    from moe_ep.training.optim import build_optimizer, lr_at
-    from moe_ep.training.step import train_step
+    from moe_ep.training import PlainTrainer
 
     torch.manual_seed(100 + rank)  # router noise
     model = MoETransformerLM(model_cfg, parallel, seed=0)
     if checkpointing:
         enable_activation_checkpointing(model)
-    keeps = [[] for _ in model.moe_layers()]
+    keeps = [[] for _ in moe_layers(model)]
     if record_keeps:
-        for layer, calls in zip(model.moe_layers(), keeps):
+        for layer, calls in zip(moe_layers(model), keeps):
             layer.dispatcher = _KeepRecorder(layer.dispatcher, calls)
-    optimizer = build_optimizer(model, train_cfg)
-    for group in optimizer.param_groups:
+    trainer = PlainTrainer(model, parallel, train_cfg)
+    for group in trainer.optimizer.param_groups:
         group["eps"] = adam_eps
     out = dict(ce=[], aux=[], grad_norm=[], stats=[], after_backward=[])
     for step, batch in enumerate(batches(train_cfg, rank, world, steps)):
-        result = train_step(model, optimizer, batch, lr_at(step, train_cfg), parallel, train_cfg)
+        result = trainer.train_step(batch, step)
         out["ce"].append(float(result.ce))
         out["aux"].append(float(result.aux))
         out["grad_norm"].append(float(result.grad_norm))
         out["stats"].append([[s.as_dict() for s in micro] for micro in result.stats])
         # after backward (a recomputation ran there): still the forward's
         out["after_backward"].append([(layer.last_stats.as_dict(), float(layer.aux_loss.detach()))
-                                      for layer in model.moe_layers()])
-    layers = model.moe_layers()
+                                      for layer in moe_layers(model)])
+    layers = moe_layers(model)
     out.update(params=_params(model), grads={name: p.grad.clone() for name, p in model.named_parameters()},
                bias=_bias(model).clone(), keeps=keeps,
                drop_step=[int(layer.drop_step) for layer in layers],

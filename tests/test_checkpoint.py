@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_ep.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
+from moe_ep.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+from moe_ep.training.checkpoints import load_checkpoint
 from moe_ep.checkpoint.integrity import checksums
 from moe_ep.checkpoint.manifest import write_manifest
 from moe_ep.checkpoint.storage import read_metadata
@@ -122,7 +123,7 @@ def test_resume_in_one_process_without_process_group(source):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """Two single-process checkpoints (steps 1 and 2) of the small model, and a loader for them."""
-    from moe_ep.checkpoint import save_checkpoint
+    from moe_ep.training.checkpoints import save_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     out = tmp_path_factory.mktemp("pristine")
@@ -346,7 +347,7 @@ DS_MAIN = dict(module={}, global_steps=1, model_config={})
 ], ids=["latest-parent", "latest-absolute", "no-module", "no-global-steps", "data-not-dict", "config-field"])
 def test_deepspeed_folder_names_and_fields_are_checked(tmp_path, latest, changes, message):
     """What the converter reads of a DeepSpeed folder: the ``latest`` tag stays inside it, missing fields are named."""
-    from moe_ep.checkpoint.convert import from_deepspeed
+    from moe_ep.training.convert import from_deepspeed
 
     src = tmp_path / "ds"
     (src / "t").mkdir(parents=True)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from moe_ep import ParallelState
-from moe_ep.checkpoint import load_model, load_weights
+from moe_ep.checkpoint import load_weights
+from moe_ep.training.checkpoints import load_model
 from moe_ep.data import BatchSampler, load_corpus
 from moe_ep.distill import Distiller
 from moe_ep.models import ModelConfig, MoETransformerLM
@@ -30,7 +31,7 @@ SEQ, BATCH = 16, 2
 
 
 def launcher(name: str, monkeypatch):
-    """launch/<name>.py as a module (launch/distill.py imports launch/train.py as ``train``); sys.path is restored."""
+    """launch/<name>.py as a module; sys.path is restored."""
     monkeypatch.syspath_prepend(str(REPO / "launch"))
     return importlib.import_module(name)
 
@@ -46,7 +47,7 @@ def student(tmp_path_factory):
     d = Distiller(MoETransformerLM(workers.model_config()), MoETransformerLM(ModelConfig.preset("tiny"), seed=0),
                   student_dtype="bfloat16", train_config=cfg)
     batch = sampler.batch(0)
-    d.train_step(batch[:, :-1], labels=batch[:, 1:])
+    d.optimize(batch[:, :-1], labels=batch[:, 1:])
     d.save_student(root / "student", sampler)
     val_loss = evaluate(d.student, sampler.val_batches(1), ParallelState())
     flags = ["--seq-len", str(SEQ), "--batch-size", str(BATCH), "--warmup", "1", "--data", str(corpus),

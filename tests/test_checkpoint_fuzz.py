@@ -40,10 +40,11 @@ from typing import Callable
 import pytest
 import torch
 
-from moe_ep.checkpoint import CheckpointError, load_checkpoint, load_model
+from moe_ep.checkpoint import CheckpointError
+from moe_ep.training.checkpoints import load_checkpoint, load_model
 from moe_ep.checkpoint.integrity import checksums
 from moe_ep.checkpoint.manifest import MANIFEST, METADATA
-from moe_ep.checkpoint.save_load import TRAJECTORY_FIELDS
+from moe_ep.training.checkpoints import TRAJECTORY_FIELDS
 from moe_ep.checkpoint.storage import read_metadata
 from moe_ep.config import MoEConfig
 from moe_ep.models import ModelConfig
@@ -285,7 +286,7 @@ def outcome(load: Callable[[Path], object], folder: Path, expect: str) -> tuple[
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """A real single-process checkpoint after one step, and the two loaders."""
-    from moe_ep.checkpoint import save_checkpoint
+    from moe_ep.training.checkpoints import save_checkpoint
     from moe_ep.training.optim import build_optimizer
 
     out = tmp_path_factory.mktemp("fuzz")

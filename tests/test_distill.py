@@ -23,7 +23,8 @@ from moe_ep.distill.adapters import lm_forward
 from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.models.transformer import LMOutput
 from moe_ep.parallel.spawn import run_on_ranks
-from moe_ep.training import TrainConfig, evaluate, save_checkpoint, train
+from moe_ep.training import PlainTrainer, TrainConfig, evaluate, run, save_checkpoint
+from moe_ep.model_moe import moe_layers, parameter_counts, total_aux_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 16
@@ -192,11 +193,49 @@ def test_gradients_reach_only_the_student_and_the_teacher_stays_unchanged():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
     assert len(d.loss.projections) == 2 and all(p.grad is not None for p in d.loss.projections.parameters())
     for step in range(3):
-        d.train_step(batch[:, :-1], labels=batch[:, 1:])
+        d.optimize(batch[:, :-1], labels=batch[:, 1:])
     assert all(torch.equal(v, teacher_before[k]) for k, v in d.teacher.state_dict().items())
     assert all(not torch.equal(v, student_before[k]) for k, v in d.student.state_dict().items()
                if k.endswith("weight"))
     assert d.step == 3
+
+
+def _stepping_distiller(grad_accum: int, precision: str = "fp32") -> Distiller:
+    """A distiller of a batch of 4 in ``grad_accum`` micro-batches at ``precision``, AdamW eps 1e-3 (at 1e-8 an
+    element with a rounding-level gradient moves by up to lr either way)."""
+    cfg = TrainConfig(steps=10, warmup_steps=1, lr=1e-2, seq_len=SEQ, batch_size=4, grad_accum=grad_accum,
+                      precision=precision)
+    d = _distiller(small(), small("tiny-dense"), hidden_loss_weight=0.5, attention_loss_weight=0.0,
+                   relation_loss_weight=0.0, train_config=cfg)
+    for optimizer in (opt for opt in (d.optimizer, d.projection_optimizer) if opt is not None):
+        for group in optimizer.param_groups:
+            group["eps"] = 1e-3
+    return d
+
+
+def _weights(d: Distiller) -> dict:
+    return {k: v.clone() for k, v in d.student.state_dict().items()}
+
+
+def test_gradient_accumulation_is_the_whole_batch_in_micro_batches():
+    """2 micro-batches of 2 sequences take the step 1 batch of 4 takes (token means over equal halves)."""
+    whole, halves = _stepping_distiller(1), _stepping_distiller(2)
+    one, two = whole.train_step(ids(batch=4), step=0), halves.train_step(ids(batch=4), step=0)
+    a, b = _weights(whole), _weights(halves)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert torch.allclose(one.ce, two.ce, rtol=1e-6) and set(one.parts) == set(two.parts) >= {"distill", "hidden"}
+    assert len(two.stats) == 2 and len(one.stats) == 1  # one entry of MoE statistics per micro-batch
+
+
+def test_bf16_distillation_runs_the_student_under_autocast():
+    fp32, bf16 = _stepping_distiller(1), _stepping_distiller(1, precision="bf16")
+    logits_dtypes = []
+    bf16.student.register_forward_hook(lambda module, args, out: logits_dtypes.append(out.logits.dtype))
+    ref, result = fp32.train_step(ids(batch=4), step=0), bf16.train_step(ids(batch=4), step=0)
+    assert logits_dtypes == [torch.bfloat16]
+    assert all(torch.isfinite(v) for v in (result.ce, result.aux, *result.parts.values()))
+    assert result.ce.item() == pytest.approx(ref.ce.item(), rel=2e-2)
+    assert all(v.dtype == torch.float32 for v in _weights(bf16).values())  # weights and buffers stay fp32
 
 
 def test_masked_positions_do_not_change_the_loss_and_left_padding_is_refused():
@@ -235,7 +274,7 @@ def test_teacher_and_student_dtypes():
     assert {p.dtype for p in d.teacher.parameters()} == {p.dtype for p in d.student.parameters()} == {torch.bfloat16}
     assert d.teacher.layers[0].attn.rope.cos_SD.dtype == torch.float32  # buffers keep their precision
     batch = ids()
-    _, parts = d.train_step(batch[:, :-1], labels=batch[:, 1:])
+    parts = d.optimize(batch[:, :-1], labels=batch[:, 1:]).parts
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())
 
 
@@ -243,12 +282,12 @@ def test_dense_preset_trains_checkpoints_and_loads_as_a_teacher(tmp_path, corpus
     """A model without MoE layers through the training loop, a checkpoint, and back as a teacher."""
     cfg = small("tiny-dense")
     model = MoETransformerLM(cfg, seed=3)
-    assert model.moe_layers() == [] and model.aux_loss().item() == 0.0
-    assert model.parameter_counts().total == model.parameter_counts().activated
+    assert moe_layers(model) == [] and total_aux_loss(model).item() == 0.0
+    assert parameter_counts(model).total == parameter_counts(model).activated
     train_cfg = TrainConfig(steps=2, batch_size=2, seq_len=SEQ, warmup_steps=1, log_every=1, val_every=1,
                             val_batches=1, ckpt_every=2, out_dir=str(tmp_path))
     sampler = BatchSampler(load_corpus(str(corpus_file)), 2, SEQ, 0)
-    result = train(model, sampler, ParallelState(), train_cfg)
+    result = run(PlainTrainer(model, ParallelState(), train_cfg), sampler, ParallelState(), train_cfg)
     assert result.last_checkpoint is not None and sorted(result.val_losses) == [0, 1, 2]
     d = Distiller(tmp_path, MoETransformerLM(small()))
     assert all(torch.equal(a, b) for a, b in zip(d.teacher.state_dict().values(), model.state_dict().values()))
@@ -278,7 +317,7 @@ def test_transformers_teacher_and_student(llama_dir, tmp_path):
         reference = AutoModelForCausalLM.from_pretrained(llama_dir)(batch[:, :-1]).logits
     assert len(out.hidden_states) == 3 and len(out.attentions) == 2
     assert (out.logits - reference).abs().max() < 1e-5
-    _, parts = d.train_step(batch[:, :-1], labels=batch[:, 1:])
+    parts = d.optimize(batch[:, :-1], labels=batch[:, 1:]).parts
     assert all(torch.isfinite(v) for v in parts.values())
 
     from tokenizers import Tokenizer, models
@@ -288,7 +327,7 @@ def test_transformers_teacher_and_student(llama_dir, tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_tokens, unk_token="<0>")
     d = Distiller(MoETransformerLM(small()), str(llama_dir), tokenizer=tokenizer,
                   train_config=TrainConfig(warmup_steps=1))
-    d.train_step(batch[:, :-1], labels=batch[:, 1:])
+    d.optimize(batch[:, :-1], labels=batch[:, 1:])
     d.save_student(tmp_path / "student")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     with torch.no_grad():
@@ -318,7 +357,7 @@ def teacher_dir(tmp_path_factory, corpus_file) -> Path:
 def _ep_worker(rank: int, world: int, teacher_dir: str) -> dict:
     """Teacher logits and one whole distillation step at ep = world against one process."""
     import moe_ep
-    from moe_ep.parallel.grads import sync_gradients
+    from moe_ep.gradients import sync_gradients
 
     parallel = moe_ep.init_expert_parallel(ep_size=world)
     batch = ids(2 * world, seed=5)
@@ -328,11 +367,11 @@ def _ep_worker(rank: int, world: int, teacher_dir: str) -> dict:
     student_cfg = small(hidden_size=16, n_heads=1, n_layers=2)
     ref = Distiller(teacher_dir, MoETransformerLM(student_cfg, seed=2), **settings)
     ep = Distiller(teacher_dir, MoETransformerLM(student_cfg, parallel, seed=2), parallel=parallel, **settings)
-    assert len(ep.teacher.moe_layers()[0].experts.w_in) == 8 // world
+    assert len(moe_layers(ep.teacher)[0].experts.w_in) == 8 // world
     with torch.no_grad():
         ref_logits = ref.teacher(batch[:, :-1])[2 * rank:2 * rank + 2]
         ep_logits = ep.teacher(mine[:, :-1])
-    dropped = sum(layer.last_stats.dropped_pairs.item() for layer in ep.teacher.moe_layers())
+    dropped = sum(layer.last_stats.dropped_pairs.item() for layer in moe_layers(ep.teacher))
 
     ref_total, ref_parts = ref.compute_loss(batch[:, :-1], labels=batch[:, 1:])
     ref_total.backward()
@@ -372,7 +411,7 @@ def test_launcher_writes_metrics_plots_and_a_loadable_student(teacher_dir, corpu
            str(REPO / "launch" / "distill.py"), "--teacher", str(teacher_dir), "--student-preset", "tiny",
            "--ep-size", "2", "--steps", "4", "--batch-size", "2", "--seq-len", str(SEQ), "--warmup", "1",
            "--log-every", "2", "--val-every", "2", "--val-batches", "1", "--ckpt-every", "4", "--relation-weight",
-           "1", "--data", str(corpus_file), "--out", str(out)]
+           "1", "--data", str(corpus_file), "--out", str(out), "--grad-accum", "2", "--tensorboard"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -389,6 +428,7 @@ def test_launcher_writes_metrics_plots_and_a_loadable_student(teacher_dir, corpu
         assert "hidden_loss" not in record
     for name in ("loss.png", "expert_load.png", "loss_parts.png"):
         assert (out / name).stat().st_size > 10_000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "--tensorboard wrote no event file"
     result = json.loads((out / "result.json").read_text())
     assert result["parameters"]["student"]["total"] > result["parameters"]["student"]["activated"]
     student = Distiller(str(out), MoETransformerLM(small())).teacher  # the saved student, read back at ep 1

@@ -14,6 +14,7 @@ from moe_ep.parallel.consistency import describe_mismatch
 from moe_ep.parallel.timeout import as_timedelta
 from moe_ep.training.metrics import IntervalMeter
 from moe_ep.training.step import StepResult
+from moe_ep.model_moe import moe_layers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,9 +76,9 @@ def test_model_names_its_moe_layers():
     from moe_ep.models import ModelConfig, MoETransformerLM
 
     model = MoETransformerLM(ModelConfig.preset("tiny"))
-    assert [m.name for m in model.moe_layers()] == [f"layers.{i}.ffn" for i in range(model.config.first_k_dense,
+    assert [m.name for m in moe_layers(model)] == [f"layers.{i}.ffn" for i in range(model.config.first_k_dense,
                                                                                    model.config.n_layers)]
-    assert all(model.get_submodule(m.name) is m for m in model.moe_layers())
+    assert all(model.get_submodule(m.name) is m for m in moe_layers(model))
 
 
 def _stats(routed: int, processed: int, dropped: int) -> RoutingStats:
@@ -92,10 +93,10 @@ def test_metrics_record_pairs_and_catch_a_lost_pair():
 
     meter = IntervalMeter(2, 2, tokens_per_step=8, device=torch.device("cpu"))
     zero = torch.zeros(())
-    meter.add(StepResult(zero, zero, zero, [[_stats(16, 12, 4), _stats(16, 16, 0)]]), lr=1e-3)
-    meter.add(StepResult(zero, zero, zero, [[_stats(8, 8, 0)], [_stats(8, 6, 2)]]), lr=1e-3)  # 2 micro-batches
+    meter.add(StepResult(zero, zero, zero, [[_stats(16, 12, 4), _stats(16, 16, 0)]], lr=1e-3))
+    meter.add(StepResult(zero, zero, zero, [[_stats(8, 8, 0)], [_stats(8, 6, 2)]], lr=1e-3))  # 2 micro-batches
     record = meter.flush(ParallelState())
     assert (record["routed_pairs"], record["processed_pairs"], record["dropped_pairs"]) == (48, 42, 6)
-    meter.add(StepResult(zero, zero, zero, [[_stats(16, 11, 4)]]), lr=1e-3)  # one pair neither processed nor dropped
+    meter.add(StepResult(zero, zero, zero, [[_stats(16, 11, 4)]], lr=1e-3))  # one pair neither processed nor dropped
     with pytest.raises(RuntimeError, match="pairs lost: 16 routed but 11 processed"):
         meter.flush(ParallelState())

@@ -153,8 +153,6 @@ VALID_FLAG_VALUES = {("--warmup", "0"), ("--ckpt-every", "0"), ("--seed", "0"), 
                      ("--weight-decay", "0"), ("--grad-clip", "0"), ("--alpha", "0"), ("--hidden-weight", "0"),
                      ("--attention-weight", "0"), ("--relation-weight", "0"), ("--data", "FILE"),
                      ("--out", "MISSING")}
-# valid values the distillation loop cannot use: refused by distill.py's parse_args
-DISTILL_EXTRA = [("--precision", "bf16"), ("--grad-accum", "2"), ("--activation-checkpointing", None)]
 
 
 def _load_launcher(name: str, monkeypatch):
@@ -162,7 +160,7 @@ def _load_launcher(name: str, monkeypatch):
         pytest.importorskip("deepspeed")
         monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what ds_train sets on a CPU machine, undone after the test
         monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # keeps this process's threads
-    monkeypatch.syspath_prepend(str(REPO / "launch"))  # distill.py imports train.py's setup_parallel
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
     spec = importlib.util.spec_from_file_location(f"fuzz_{name}", REPO / LAUNCHERS[name])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -232,9 +230,6 @@ def test_fuzz_launcher_flags(launcher, tmp_path, monkeypatch):
         flag = action.option_strings[0]
         for value in _candidates(action):
             tally.run(f"{flag} {value}", _flag_case(module, _without_rivals(base, parser, action), flag, value, paths))
-    if launcher == "distill":
-        for flag, value in DISTILL_EXTRA:
-            tally.run(f"{flag} {value}", _flag_case(module, base, flag, value, paths))
     if launcher == "ds_train":
         tally.run("--resume without a checkpoint", _flag_case(module, base, "--resume", None, paths))
     tally.report()

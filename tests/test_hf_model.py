@@ -7,7 +7,7 @@
   (computed by single-process twins of its blocks that share its router
   weights); ``hf_state_dict`` gathers exactly the original weights; the V3
   bias update matches the twins'.
-* One process: conversion keeps logits and ``generate``; ``save_hf_pretrained``
+* One process: conversion keeps logits and ``generate``; ``save_pretrained``
   then ``from_pretrained`` keeps the logits; bad input raises naming the
   problem and leaves the model untouched.
 * The launchers: ``train.py --hf-model`` (torchrun, ep 2, V2 with a tokenizer
@@ -45,7 +45,7 @@ def _reference_loss(model, batch, overrides):
     """
     from moe_ep.hf_model import HF_MOE_BLOCK_NAMES
     from moe_ep.interop import from_hf_moe
-    from moe_ep.training.loop import next_token_loss
+    from moe_ep.training.step import next_token_loss
 
     twins, hooks = [], []
     for block in [m for m in model.modules() if type(m).__name__ in HF_MOE_BLOCK_NAMES]:
@@ -86,8 +86,8 @@ def _parity_worker(rank: int, world: int) -> list[dict]:
     import moe_ep
     from moe_ep.hf_model import expert_parallelize, hf_state_dict
     from moe_ep.model_moe import moe_layers, total_aux_loss, update_moe_bias
-    from moe_ep.parallel.grads import sync_gradients
-    from moe_ep.training.loop import next_token_loss
+    from moe_ep.gradients import sync_gradients
+    from moe_ep.training.step import next_token_loss
 
     results = []
     for ep in (2, 4):
@@ -156,7 +156,7 @@ def test_expert_parallel_model_matches_untouched_model_at_ep2_and_ep4():
 @pytest.mark.parametrize("kind", ["v2", "v3"])
 def test_single_process_conversion_generation_and_save(kind, tmp_path):
     from moe_ep import ParallelState
-    from moe_ep.hf_model import ExpertParallelMoE, expert_parallelize, save_hf_pretrained
+    from moe_ep.hf_model import ExpertParallelMoE, expert_parallelize, save_pretrained
 
     reference = tiny_model(kind)
     model = expert_parallelize(copy.deepcopy(reference), ParallelState(), bias_update_rate=0.0)
@@ -170,7 +170,7 @@ def test_single_process_conversion_generation_and_save(kind, tmp_path):
             prompt = dict(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3,
                           do_sample=False)
             assert torch.equal(model.generate(**prompt), reference.generate(**prompt))
-    save_hf_pretrained(model, str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=LOGIT_TOL)
@@ -219,7 +219,7 @@ def _check_run_and_saved_model(out, saved, vocab_size):
     """The run lowered the validation loss; the saved folder reproduces its final value on one process."""
     from moe_ep import ParallelState
     from moe_ep.data import BatchSampler
-    from moe_ep.training.loop import evaluate
+    from moe_ep.training.driver import evaluate
     from moe_ep.training.model_source import hf_corpus
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ import torch
 from moe_ep import MoELayer, ParallelState
 from moe_ep.models import MODEL_PRESETS, ModelConfig, MoETransformerLM
 from moe_ep.models.layers import DenseFFN
+from moe_ep.model_moe import moe_layers, total_aux_loss, update_moe_bias
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,12 +46,12 @@ def test_aux_loss_is_the_sum_of_moe_layers_and_has_gradient():
     cfg = small(n_layers=4, first_k_dense=1)
     model = MoETransformerLM(cfg)
     model(torch.randint(0, 256, (2, 16)))
-    layers = model.moe_layers()
+    layers = moe_layers(model)
     assert len(layers) == 3
     expected = sum(layer.aux_loss for layer in layers)
-    assert model.aux_loss().item() == pytest.approx(expected.item(), rel=1e-6)
-    assert model.aux_loss().item() > 0
-    model.aux_loss().backward()
+    assert total_aux_loss(model).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert total_aux_loss(model).item() > 0
+    total_aux_loss(model).backward()
     assert all(layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
                for layer in layers)
 
@@ -60,7 +61,7 @@ def test_first_k_blocks_are_dense(first_k_dense):
     model = MoETransformerLM(small(n_layers=3, first_k_dense=first_k_dense))
     kinds = [type(block.ffn) for block in model.layers]
     assert kinds == [DenseFFN] * first_k_dense + [MoELayer] * (3 - first_k_dense)
-    assert len(model.moe_layers()) == 3 - first_k_dense
+    assert len(moe_layers(model)) == 3 - first_k_dense
 
 
 def test_tied_and_untied_embeddings():
@@ -79,15 +80,15 @@ def test_update_moe_bias_moves_only_aux_free_layers():
     cfg = small()
     v3 = MoETransformerLM(cfg.replace(moe=cfg.moe.replace(aux_free_bias=True, bias_update_rate=0.01)))
     v3(torch.randint(0, 256, (4, 16)))
-    v3.update_moe_bias()
-    for layer in v3.moe_layers():
+    update_moe_bias(v3)
+    for layer in moe_layers(v3):
         bias = layer.router.e_score_correction_bias
         assert bias.abs().max().item() == pytest.approx(0.01)
         assert layer.load_accum.abs().sum() == 0
     plain = MoETransformerLM(cfg)
     plain(torch.randint(0, 256, (4, 16)))
-    plain.update_moe_bias()
-    assert all(layer.load_accum.abs().sum() == 0 for layer in plain.moe_layers())
+    update_moe_bias(plain)
+    assert all(layer.load_accum.abs().sum() == 0 for layer in moe_layers(plain))
 
 
 def test_sequence_longer_than_max_seq_len_raises():

@@ -14,6 +14,7 @@ from moe_ep import MoEConfig, MoELayer, ParallelState
 from moe_ep.expert_ffn import expert_ffn
 from moe_ep.parallel.spawn import run_on_ranks
 from moe_ep.training import TrainConfig
+from moe_ep.model_moe import moe_layers
 
 from . import precision_workers as workers
 
@@ -207,7 +208,7 @@ def test_checkpointed_forwards_replay_their_own_drop_steps(one_thread):
         model = MoETransformerLM(workers.model_config(**workers.DROPPING_MOE)).train()
         model.activation_checkpointing = checkpointing
         loss = next_token_loss(model, batches[0]) + next_token_loss(model, batches[1])
-        assert [layer.pending_drop_forwards for layer in model.moe_layers()] == [2, 2, 2]
+        assert [layer.pending_drop_forwards for layer in moe_layers(model)] == [2, 2, 2]
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moe_ep.checkpoint import load_weights, read_manifest
 from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.parallel.spawn import run_on_ranks
+from moe_ep.model_moe import total_aux_loss
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HALF = 60, 30
@@ -160,7 +161,7 @@ def _gradient_worker(rank: int, world: int, ep_size: int) -> dict:
     """Synced gradients of a rank's share == single-process gradients of the whole batch."""
     import moe_ep
     from moe_ep.models import ModelConfig, MoETransformerLM
-    from moe_ep.parallel.grads import clip_gradients, partition_parameters, sync_gradients
+    from moe_ep.gradients import clip_gradients, partition_parameters, sync_gradients
 
     parallel = moe_ep.init_expert_parallel(ep_size=ep_size)
     base = ModelConfig.preset("tiny")
@@ -170,7 +171,7 @@ def _gradient_worker(rank: int, world: int, ep_size: int) -> dict:
 
     def loss_of(model, batch):
         logits = model(batch[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + model.aux_loss()
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + total_aux_loss(model)
 
     reference = MoETransformerLM(cfg, seed=1)
     loss_of(reference, ids).backward()

@@ -12,7 +12,10 @@ is removed.
 ``--to moe_ep`` reads a DeepSpeed checkpoint folder (``latest`` names the
 tag unless ``--tag``); its model config comes from the client state
 launch/ds_train.py writes, or from ``--model-config FILE.json``
-(``ModelConfig.to_dict()``). moe_ep/checkpoint/convert.py has the layouts.
+(``ModelConfig.to_dict()``). moe_ep/training/convert.py has the layouts.
+
+This entry point sits above the application it calls (``moe_ep.training``), as
+the launchers do; nothing of the library imports it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .convert import from_deepspeed, to_deepspeed, to_hf
+from ..training.convert import from_deepspeed, to_deepspeed, to_hf
 from .manifest import CheckpointError
 
 

@@ -182,3 +182,12 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
         warnings.warn(f"skipping incomplete checkpoint {folder}: it has no {MANIFEST} (its save did not finish)",
                       stacklevel=2)
     return None
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    """``path`` itself when it is a complete checkpoint folder, else ``latest_checkpoint(path)`` (a run folder).
+
+    None when neither holds one.
+    """
+    path = Path(path)
+    return path if (path / MANIFEST).is_file() else latest_checkpoint(path)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..parallel.grads import partition_parameters
+from ..gradients import partition_parameters
 from ..parallel.state import ParallelState
 from .manifest import CheckpointError
 

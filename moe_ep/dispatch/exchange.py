@@ -11,8 +11,8 @@ forward waited and completed where the forward issued, so the same computation c
 flight. On a GPU the collective runs on the communicator's stream; on gloo ``wait`` blocks the host.
 
 Why c10d and not torch's functional collectives (``all_to_all_single_autograd``): their first use imports
-``torch._dynamo`` (about 890 modules, +150-175 MiB RSS per rank, seconds of first step), and about one gloo
-run in twenty then aborted at exit; docs/reliability.md has the measurements.
+``torch._dynamo`` (memory and seconds of first step per rank), and some gloo runs then aborted at exit;
+docs/reliability.md has the measurements.
 """
 from __future__ import annotations
 

@@ -2,16 +2,15 @@
 
 Every model the distiller handles is an ``nn.Module`` whose ``forward(input_ids)``
 returns logits ``[B, S, V]`` (so ``moe_ep.training.evaluate`` and the
-optimizer helpers apply) and which has ``moe_layers()``, ``aux_loss()``,
-``update_moe_bias()`` and ``parameter_counts()`` (``MoEBalancing``).
+optimizer helpers apply); ``moe_ep.model_moe`` finds the MoE layers of either.
 ``lm_forward`` returns an ``LMOutput`` with the hidden states and attention
 probabilities when asked for, with transformers' conventions for both.
 
 ``load_lm`` takes a module or a folder:
 
-* a folder with ``config.json``: ``transformers.AutoModelForCausalLM.from_pretrained``
-  (local files only; nothing is downloaded), wrapped in ``TransformersCausalLM``
-  and replicated on every rank;
+* a folder with ``config.json``: ``moe_ep.hf_model.load_causal_lm`` (local
+  files only; nothing is downloaded), wrapped in ``TransformersCausalLM`` and
+  replicated on every rank;
 * any other folder: a checkpoint of ``launch/train.py`` (``distill.checkpoints``),
   built at this process's expert-parallel layout.
 """
@@ -24,25 +23,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..hf_model import load_causal_lm
 from ..models import MoETransformerLM
-from ..model_moe import MoEBalancing
 from ..models.transformer import LMOutput
 from ..parallel.state import ParallelState
+from ..model_moe import moe_layers
 from .checkpoints import load_lm_checkpoint
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the parameter dtypes a teacher or student may have
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """A torch dtype from itself or its name in ``DTYPES``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"distill: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-class TransformersCausalLM(MoEBalancing, nn.Module):
+class TransformersCausalLM(nn.Module):
     """A transformers ``*ForCausalLM`` with moe_ep's language-model interface (``self.hf`` is the model)."""
 
     def __init__(self, hf_model: nn.Module):
@@ -132,13 +123,10 @@ def load_lm(source: Union[str, Path, nn.Module], parallel: ParallelState, device
             raise ValueError(f"distill: a model built at ep_size={model.parallel.ep_size} was passed to a run at "
                              f"ep_size={parallel.ep_size}; build it with the run's ParallelState")
     elif (Path(source) / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
-
-        model = TransformersCausalLM(AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
-                                                                          local_files_only=True))
+        model = TransformersCausalLM(load_causal_lm(source, dtype=dtype))
     else:
         model = load_lm_checkpoint(Path(source), parallel, no_eval_dropping=as_teacher)
-    dropping = [layer for layer in model.moe_layers() if layer.config.eval_capacity_factor is not None]
+    dropping = [layer for layer in moe_layers(model) if layer.config.eval_capacity_factor is not None]
     if as_teacher and dropping:
         raise ValueError(f"distill: the teacher's MoE layers have eval_capacity_factor="
                          f"{dropping[0].config.eval_capacity_factor} and would drop tokens; build it with "

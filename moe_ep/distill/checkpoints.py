@@ -15,36 +15,35 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import find_checkpoint
+from ..checkpoint.manifest import MANIFEST
 from ..data import BatchSampler
+from ..hf_model import save_pretrained
 from ..models import MoETransformerLM
 from ..parallel.state import ParallelState
-from ..checkpoint import latest_checkpoint, load_model, save_checkpoint
-from ..checkpoint.manifest import MANIFEST
+from ..training.checkpoints import load_model, save_checkpoint
 from ..training.config import TrainConfig
 
 
-def checkpoint_folder(path: Path) -> Path:
-    """``path`` itself when it is a complete checkpoint, else the latest complete one under ``path/ckpt``."""
-    if (path / MANIFEST).is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
+def checkpoint_at(path: Path) -> Path:
+    """The checkpoint at or under ``path`` (``find_checkpoint``); ``ValueError`` when there is none."""
+    folder = find_checkpoint(path)
+    if folder is None:
         raise ValueError(f"distill: {path} is neither a transformers model folder (config.json), a complete "
                          f"checkpoint ({MANIFEST}) nor a run folder with one under ckpt/")
-    return found
+    return folder
 
 
 def load_lm_checkpoint(path: Path, parallel: ParallelState, no_eval_dropping: bool = False) -> MoETransformerLM:
-    """The checkpointed model, built at ``parallel``'s layout (see the module docstring).
+    """The model of the checkpoint at or under ``path`` (``checkpoint_at``), built at ``parallel``'s layout.
 
     no_eval_dropping: set every MoE layer's ``eval_capacity_factor`` to None
-    (a teacher in eval mode then drops no token).
+    (a teacher in eval mode then drops no token). Collective; any saved layout.
     """
     overrides = dict(eval_capacity_factor=None) if no_eval_dropping else {}
-    return load_model(checkpoint_folder(path), parallel, **overrides)  # collective; any saved layout
+    return load_model(checkpoint_at(path), parallel, **overrides)
 
 
 def save_lm(model: nn.Module, out_dir: Path, step: int, optimizer: torch.optim.Optimizer,
@@ -53,15 +52,9 @@ def save_lm(model: nn.Module, out_dir: Path, step: int, optimizer: torch.optim.O
     """Write a student (collective); return where it went.
 
     Our model: ``save_checkpoint`` under ``out_dir/ckpt/step_XXXX``. A
-    transformers model (``model.hf``): rank 0 calls ``save_pretrained(out_dir)``,
-    and the tokenizer's when one is given.
+    transformers model (``model.hf``): ``moe_ep.hf_model.save_pretrained``
+    into ``out_dir``, with the tokenizer when one is given.
     """
     if isinstance(model, MoETransformerLM):
         return save_checkpoint(out_dir, step, model, optimizer, sampler, parallel, cfg)
-    if not parallel.distributed or dist.get_rank() == 0:
-        model.hf.save_pretrained(out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    if parallel.distributed:
-        dist.barrier(group=parallel.world_group)
-    return Path(out_dir)
+    return save_pretrained(model.hf, out_dir, tokenizer=tokenizer)

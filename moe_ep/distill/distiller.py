@@ -1,14 +1,17 @@
-"""``Distiller``: a frozen teacher, a trained student and ``DistillationLoss``, on the expert-parallel runtime.
+"""``Distiller``: a frozen teacher, a trained student and ``DistillationLoss``, as a trainer of the driver.
 
-One ``train_step(input_ids, attention_mask, labels)`` on every rank:
+One optimizer step (``train_step(windows, step)`` for the driver, ``optimize(input_ids, attention_mask,
+labels)`` for explicit, possibly masked inputs), on every rank, over ``grad_accum`` micro-batches
+(``moe_ep.training.step``), each under the training precision's autocast:
 
     teacher: eval mode, no_grad, teacher_dtype -> logits (+ hidden states, attentions when weighted)
     student: train mode, student_dtype         -> the same, with gradients
-    total, parts = DistillationLoss(student, teacher, labels, mask, student.aux_loss())
-    total.backward()
-    sync_gradients / clip_gradients over the student and the projections   (moe_ep/parallel/grads.py)
+    total, parts = DistillationLoss(student, teacher, labels, mask, total_aux_loss(student))
+    (total / N).backward()
+then
+    sync_gradients / clip_gradients over the student and the projections   (moe_ep/gradients.py)
     AdamW steps at lr_at(step)                                                (moe_ep/training/optim.py)
-    student.update_moe_bias()
+    update_moe_bias(student)
 
 Under torchrun, pass the ``ParallelState`` of ``init_expert_parallel``: our
 MoE teacher and student are then sharded over the expert-parallel group
@@ -16,7 +19,7 @@ MoE teacher and student are then sharded over the expert-parallel group
 token), transformers models are replicated, and every rank feeds its own
 batch (the gradient convention of docs/training.md: each rank's loss is its
 own token mean). Forwards of sharded models are collective: every rank
-calls ``train_step`` the same number of times.
+steps the same number of times.
 """
 from __future__ import annotations
 
@@ -26,19 +29,24 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..activation_checkpointing import enable_activation_checkpointing
 from ..data import BatchSampler
-from ..parallel.grads import clip_gradients, sync_gradients
+from ..gradients import clip_gradients, sync_gradients
+from ..model_moe import total_aux_loss, update_moe_bias
 from ..parallel.state import ParallelState
+from ..precision import resolve_dtype
 from ..training.config import TrainConfig
+from ..training.driver import Trainer, evaluate
 from ..training.optim import build_optimizer, lr_at, set_lr
-from .adapters import TransformersCausalLM, lm_forward, lm_shape, load_lm, resolve_dtype
+from ..training.step import StepResult, forward_backward, split_micro_batches
+from .adapters import MODEL_DTYPES, TransformersCausalLM, lm_forward, lm_shape, load_lm
 from .checkpoints import save_lm
 from .losses import DistillationLoss
 
 ModelSource = Union[str, Path, nn.Module]
 
 
-class Distiller:
+class Distiller(Trainer):
     """Distil ``teacher`` into ``student`` (modules, or folders: see ``adapters.load_lm``).
 
     temperature, alpha, hidden_loss_weight, attention_loss_weight,
@@ -60,18 +68,15 @@ class Distiller:
                  train_config: Optional[TrainConfig] = None):
         self.parallel = parallel or ParallelState()
         self.cfg = train_config or TrainConfig()
-        unsupported = {k: getattr(self.cfg, k) for k, plain in (("precision", "fp32"), ("grad_accum", 1),
-                                                                ("activation_checkpointing", False))
-                       if getattr(self.cfg, k) != plain}
-        if unsupported:
-            raise ValueError(f"Distiller: {unsupported} are not supported by distillation (one fp32 batch per step, "
-                             f"no checkpointing; student_dtype / teacher_dtype set the weights' dtypes)")
+        self.precision = self.cfg.precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = tokenizer
-        self.teacher = load_lm(teacher, self.parallel, self.device, resolve_dtype(teacher_dtype), as_teacher=True)
+        self.teacher = load_lm(teacher, self.parallel, self.device,
+                               resolve_dtype(teacher_dtype, "distill: teacher_dtype", MODEL_DTYPES), as_teacher=True)
         self.teacher.eval()
         self.teacher.requires_grad_(False)
-        self.student = load_lm(student, self.parallel, self.device, resolve_dtype(student_dtype))
+        self.student = load_lm(student, self.parallel, self.device,
+                               resolve_dtype(student_dtype, "distill: student_dtype", MODEL_DTYPES))
         self.student.train()
         t_shape, s_shape = lm_shape(self.teacher), lm_shape(self.student)
         if t_shape.vocab_size != s_shape.vocab_size:
@@ -89,9 +94,11 @@ class Distiller:
         self.trainable = nn.ModuleDict(dict(student=self.student, loss=self.loss))
         self.optimizer = build_optimizer(self.student, self.cfg)
         self.projection_optimizer = build_optimizer(self.loss, self.cfg) if len(self.loss.projections) else None
-        self.step = 0
-        self.last_grad_norm = torch.zeros((), device=self.device)
-        self.last_lr = 0.0
+        self.model = self.student  # what the driver validates and meters
+        self.step = 0  # updates done: the next update's learning rate is lr_at(step)
+        if self.cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.student.hf if isinstance(self.student, TransformersCausalLM)
+                                            else self.student)
 
     def compute_loss(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                      labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -108,26 +115,48 @@ class Distiller:
         with torch.no_grad():
             teacher_out = lm_forward(self.teacher, input_ids, attention_mask, **flags)
         student_out = lm_forward(self.student, input_ids, attention_mask, **flags)
-        return self.loss(student_out, teacher_out, labels, attention_mask, student_aux=self.student.aux_loss())
+        return self.loss(student_out, teacher_out, labels, attention_mask, student_aux=total_aux_loss(self.student))
 
-    def train_step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                   labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimizer step of the student (module docstring); returns the detached total and the parts."""
+    def train_step(self, batch_BS: torch.Tensor, step: int) -> StepResult:
+        """The driver's step: windows ``[B, S+1]`` (inputs ``w[:, :-1]``, labels ``w[:, 1:]``) at ``step``."""
+        self.step = step
+        micro = [(w[:, :-1], None, w[:, 1:]) for w in split_micro_batches(batch_BS, self.cfg.grad_accum)]
+        return self._update(micro)
+
+    def optimize(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None) -> StepResult:
+        """One optimizer step on explicit inputs (``compute_loss``'s arguments), split into ``grad_accum``
+        micro-batches; the learning rate is ``lr_at(self.step)``."""
+        n = self.cfg.grad_accum
+        parts = [split_micro_batches(t, n) if t is not None else [None] * n
+                 for t in (input_ids, attention_mask, labels)]
+        return self._update(list(zip(*parts)))
+
+    def _update(self, micro_batches: list[tuple]) -> StepResult:
         lr = lr_at(self.step, self.cfg)
         optimizers = [opt for opt in (self.optimizer, self.projection_optimizer) if opt is not None]
         for optimizer in optimizers:
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
-        total, parts = self.compute_loss(input_ids, attention_mask, labels)
-        total.backward()
+        n = len(micro_batches)
+        result = forward_backward(self.student, micro_batches, lambda micro: self.compute_loss(*micro),
+                                  lambda loss, last: (loss / n).backward(), self.precision, self.device)
         sync_gradients(self.trainable, self.parallel)
-        self.last_grad_norm = clip_gradients(self.trainable, self.parallel, self.cfg.grad_clip)
+        result.grad_norm = clip_gradients(self.trainable, self.parallel, self.cfg.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
-        self.student.update_moe_bias()
+        update_moe_bias(self.student)
         self.step += 1
-        self.last_lr = lr
-        return total.detach(), parts
+        result.lr = lr
+        return result
+
+    def save(self, out_dir: Path, step: int, sampler: BatchSampler) -> Path:
+        """The driver's checkpoint: ``save_student``."""
+        return self.save_student(out_dir, sampler)
+
+    def first_validation(self, val_batches: list[torch.Tensor], parallel: ParallelState) -> dict:
+        """The teacher's validation loss (``teacher_val_loss``), on the same batches as the student's."""
+        return dict(teacher_val_loss=evaluate(self.teacher, val_batches, parallel, self.precision))
 
     def save_student(self, output_dir: Union[str, Path], sampler: Optional[BatchSampler] = None) -> Path:
         """Write the student (collective): our checkpoint format, or ``save_pretrained`` for a transformers model.

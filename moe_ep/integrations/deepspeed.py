@@ -6,7 +6,7 @@ DeepSpeed's engine treats a module as an MoE layer only when
 * reduces the gradients of parameters with ``p.allreduce = False`` over the
   expert-data-parallel group named ``p.group_name`` (``ep_size_<ep>``) and
   the others over the whole data-parallel group, both divided by the full
-  data-parallel size (our convention: ``moe_ep/parallel/grads.py``);
+  data-parallel size (our convention: ``moe_ep/gradients.py``);
 * calls ``set_deepspeed_parallelism()`` on every module that has it;
 * writes each expert of each MoE layer to its own checkpoint file
   (``layer_<L>_expert_<global id>_mp_rank_00_model_states.pt``), taking
@@ -16,7 +16,7 @@ DeepSpeed's engine treats a module as an MoE layer only when
 ``DeepSpeedMoE`` is a subclass of DeepSpeed's ``MoE`` that skips
 ``MoE.__init__`` (only ``nn.Module.__init__`` runs) and holds our layer as
 ``.moe``; ``forward`` returns what the layer returns and the auxiliary loss
-stays on the layer. Usage (docs/deepspeed.md has the details)::
+stays on the layer (``moe_ep.model_moe`` finds wrapped layers too). Usage (docs/deepspeed.md has the details)::
 
     parallel = deepspeed_parallel_state(ep_size)       # init_distributed + DeepSpeed's groups
     model = MoETransformerLM(cfg, parallel)            # experts sharded with DeepSpeed's EP group
@@ -47,27 +47,22 @@ import torch.distributed as dist
 from torch import nn
 
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
 from ..dispatch import make_dispatcher
 from ..layer import MoELayer
-from ..model_moe import discard_moe_pending, moe_layers, update_moe_bias
+from ..model_moe import child_slots
 from ..parallel.consistency import check_same_on_ranks
-from ..parallel.grads import clip_gradients
 from ..parallel.state import ParallelState, nodes_spanned
 from ..parallel.timeout import DEFAULT_TIMEOUT, Timeout, as_timedelta, set_collective_timeout
-from ..training.optim import set_lr
-from ..training.step import StepResult, forward_backward, split_micro_batches
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 EXPERT_PARAM_NAMES = ("w_in", "w_out")
 _SHARED_PLAIN = "moe.shared_experts."
 _SHARED_DS = "moe.shared_mlp."
 
-__all__ = ["DeepSpeedMoE", "deepspeed_parallel_state", "deepspeed_precision", "expert_group_name", "grad_clip_plan",
-           "moe_layers", "optimizer_param_groups", "parallel_state_from_groups", "train_step",
-           "undo_initial_optimizer_step", "unwrap_moe_layers", "wrap_moe_layers"]
+__all__ = ["DeepSpeedMoE", "deepspeed_parallel_state", "expert_group_name", "parallel_state_from_groups",
+           "unwrap_moe_layers", "wrap_moe_layers"]
 
 
 # ------------------------------------------------------------------ groups
@@ -193,8 +188,9 @@ class DeepSpeedMoE(MoE):
 
     ``layer``: the ``MoELayer`` to hold (``.moe``); its ``parallel.ep_size``
     gives ``ep_size`` and the group name ``ep_size_<ep>``. ``forward(x)``
-    returns ``layer(x)``; ``aux_loss``, ``last_stats``, ``update_bias``,
-    ``full_state_dict`` and ``load_full_state_dict`` are the layer's.
+    returns ``layer(x)``; ``full_state_dict`` and ``load_full_state_dict`` are
+    the layer's (its aux loss, statistics and bias update are reached through
+    ``moe_ep.model_moe``, which finds the layer inside).
     """
 
     def __init__(self, layer: MoELayer):
@@ -280,17 +276,6 @@ class DeepSpeedMoE(MoE):
         """``MoELayer.forward``: the output only (the auxiliary loss stays on ``.moe``)."""
         return self.moe(hidden_states)
 
-    @property
-    def aux_loss(self) -> torch.Tensor:
-        return self.moe.aux_loss
-
-    @property
-    def last_stats(self):
-        return self.moe.last_stats
-
-    def update_bias(self) -> None:
-        self.moe.update_bias()
-
     def full_state_dict(self) -> dict:
         """The layer's unsharded state dict in the plain layout (collective over the EP group)."""
         return self.moe.full_state_dict()
@@ -303,11 +288,6 @@ class DeepSpeedMoE(MoE):
 
 
 # ------------------------------------------------------------ model level
-def _children_to_replace(model: nn.Module, cls: type) -> list[tuple[nn.Module, str, nn.Module]]:
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, cls)]
-
-
 def wrap_moe_layers(model: nn.Module, ep_size: Optional[int] = None) -> list[DeepSpeedMoE]:
     """Replace every ``MoELayer`` of ``model`` by a ``DeepSpeedMoE`` holding it, in place.
 
@@ -319,7 +299,8 @@ def wrap_moe_layers(model: nn.Module, ep_size: Optional[int] = None) -> list[Dee
     if isinstance(model, MoELayer):
         raise ValueError("wrap_moe_layers: the model is itself an MoELayer; use DeepSpeedMoE(layer)")
     wrappers = []
-    for parent, name, layer in _children_to_replace(model, MoELayer):
+    for parent, name in child_slots(model, lambda child: isinstance(child, MoELayer)):
+        layer = getattr(parent, name)
         if isinstance(parent, DeepSpeedMoE):
             wrappers.append(parent)
             continue
@@ -335,123 +316,8 @@ def wrap_moe_layers(model: nn.Module, ep_size: Optional[int] = None) -> list[Dee
 def unwrap_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Put the plain ``MoELayer``s back in place of their wrappers (plain names and state dict layout)."""
     layers = []
-    for parent, name, wrapper in _children_to_replace(model, DeepSpeedMoE):
+    for parent, name in child_slots(model, lambda child: isinstance(child, DeepSpeedMoE)):
+        wrapper = getattr(parent, name)
         setattr(parent, name, wrapper.moe)
         layers.append(wrapper.moe)
     return layers
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Parameter groups for DeepSpeed's optimizer: the plain loop's decay rule, split for MoE.
-
-    As ``moe_ep.training.optim.build_optimizer``: weight decay on tensors of
-    2+ dims (embedding, projections, routers, expert stacks), none on 1-D
-    ones (norm weights). Then ``split_params_into_different_moe_groups_for_optimizer``
-    moves the expert parameters (marked) to groups named ``ep_size_<ep>``
-    with ``moe=True``, which ZeRO partitions over the expert-data-parallel
-    group. Call after ``wrap_moe_layers``.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    base = [dict(name="decay", params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-            dict(name="no_decay", params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return [g for g in split_params_into_different_moe_groups_for_optimizer(base) if g["params"]]
-
-
-# ----------------------------------------------------------------- training
-def deepspeed_precision(ds_config: dict) -> str:
-    """``fp32``, ``bf16`` or ``fp16``: the config's enabled mixed-precision section (raises if both are)."""
-    enabled = [name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled", False)]
-    if len(enabled) > 1:
-        raise ValueError("DeepSpeed config: bf16 and fp16 are both enabled; enable one")
-    return enabled[0] if enabled else "fp32"
-
-
-def undo_initial_optimizer_step(engine) -> bool:
-    """Undo the zero-gradient step DeepSpeed's ``FP16_UnfusedOptimizer`` takes at construction; True if it did.
-
-    DeepSpeed 0.19.8 wraps a torch optimizer in ``FP16_UnfusedOptimizer``
-    for bf16 at ZeRO stage 0, and its ``initialize_optimizer_states`` runs one
-    ``step()`` with zero gradients: AdamW's step counter starts at 1 (every
-    later bias correction is one step late: the first update is 0.73 of
-    AdamW's for betas (0.9, 0.95)) and decoupled weight decay shrinks the fp32
-    masters once by ``lr * weight_decay`` (DeepSpeed issue #5151; PR #5104
-    removes the step for ZeRO). This clears the optimizer state (AdamW
-    re-creates it at its next step, at step 0) and copies the masters back
-    from the bf16 weights, which that step did not touch (the masters were
-    copied from them). Call it once, right after ``deepspeed.initialize``.
-    """
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    optimizer = engine.optimizer
-    if not isinstance(optimizer, FP16_UnfusedOptimizer):
-        return False
-    optimizer.optimizer.state.clear()
-    with torch.no_grad():
-        for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-            for low, high in zip(lows, highs):
-                high.copy_(low)
-    return True
-
-
-def grad_clip_plan(ds_config: dict) -> tuple[dict, Optional[float]]:
-    """(config for ``deepspeed.initialize``, max norm to clip with ``clip_gradients`` ourselves, or None).
-
-    ZeRO 1/2 compute the global norm of an MoE model correctly (expert
-    shards' squares are summed over the data-parallel group), so their
-    ``gradient_clipping`` is kept. Without ZeRO (stage 0) DeepSpeed averages
-    the per-rank norms, which is not the global norm once experts are
-    sharded; there the returned config has clipping off and ``train_step``
-    clips with ``moe_ep.parallel.grads.clip_gradients`` after the reduction
-    (bf16 gradients under ``bf16``, which has no loss scale). ``fp16`` at
-    stage 0 raises ``ValueError``: the gradients there carry the loss scale.
-    """
-    config = copy.deepcopy(ds_config)
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if stage == 0 and deepspeed_precision(config) == "fp16":
-        raise ValueError("DeepSpeed config: fp16 needs ZeRO stage 1 or 2 with moe_ep: at stage 0 the parameters' "
-                         "gradients are loss-scaled where train_step measures and clips the global norm")
-    clip = float(config.get("gradient_clipping", 0.0) or 0.0)
-    if stage == 0 and clip > 0:
-        config["gradient_clipping"] = 0.0
-        return config, clip
-    return config, None
-
-
-def train_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, parallel: ParallelState,
-               manual_clip: Optional[float]) -> StepResult:
-    """One optimizer step through the engine, as the plain loop's step (``moe_ep.training.step``).
-
-    ``batch`` is split into the engine's ``gradient_accumulation_steps``
-    micro-batches; each: ``loss = CE + aux`` -> ``engine.backward`` (which
-    divides by their number; the gradient reduction happens at the last),
-    ``engine.step()`` between micro-batches (no update there). Then clipping
-    (``manual_clip`` from ``grad_clip_plan``, else DeepSpeed's) ->
-    ``engine.step()`` -> the MoE layers close the step: ``update_moe_bias``
-    when the engine applied it, ``discard_moe_pending`` when it skipped it
-    (fp16 overflow: ``engine.was_step_applied()`` is False). ``grad_norm`` is
-    the global norm before clipping (our measurement at stage 0, DeepSpeed's
-    with ZeRO, NaN when DeepSpeed computed none).
-    """
-    set_lr(engine.optimizer, lr)
-    micro_batches = split_micro_batches(batch, engine.gradient_accumulation_steps())
-
-    def backward(loss: torch.Tensor, last: bool) -> None:
-        engine.backward(loss)
-        if not last:
-            engine.step()  # counts the micro-step; the update happens at the boundary
-
-    result = forward_backward(engine, model, micro_batches, backward)
-    norm = None
-    if engine.zero_optimization_stage() == 0:
-        norm = clip_gradients(model, parallel, manual_clip)  # measures only when manual_clip is None
-    engine.step()
-    if norm is None:
-        ds_norm = engine.get_global_grad_norm()
-        norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
-    result.grad_norm = norm.detach().float()
-    result.applied = engine.was_step_applied()
-    if result.applied:
-        update_moe_bias(model)
-    else:
-        discard_moe_pending(model)
-    return result

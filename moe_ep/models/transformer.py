@@ -13,11 +13,11 @@ so any layout (and any rank of it) starts from the same global model:
 replicas agree bitwise and an expert shard equals the matching slice of the
 single-process model.
 
-Balancing contract: after ``forward``, ``aux_loss()`` is the sum of the MoE
-layers' auxiliary losses (add it to the training loss); the training loop
-calls ``update_moe_bias()`` once per optimizer step, after ``optimizer.step()``,
-which applies DeepSeek-V3's bias update to layers with ``aux_free_bias``
-from the loads routed since the previous call.
+Balancing contract: after ``forward``, ``model_moe.total_aux_loss(model)`` is
+the sum of the MoE layers' auxiliary losses (add it to the training loss);
+the trainers call ``model_moe.update_moe_bias(model)`` once per optimizer
+step, after ``optimizer.step()``, which applies DeepSeek-V3's bias update to
+layers with ``aux_free_bias`` from the loads routed since the previous call.
 
 Activation checkpointing: with ``activation_checkpointing = True``, every
 block of a training forward with gradients runs under
@@ -36,7 +36,6 @@ from torch import nn
 
 from ..activation_checkpointing import checkpoint_block
 from ..layer import MoELayer
-from ..model_moe import MoEBalancing
 from ..parallel.state import ParallelState
 from .config import ModelConfig
 from .layers import CausalSelfAttention, DenseFFN, RMSNorm
@@ -80,8 +79,8 @@ def _generator(seed: int, *key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
-class MoETransformerLM(MoEBalancing, nn.Module):
-    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``MoEBalancing`` gives the MoE helpers.
+class MoETransformerLM(nn.Module):
+    """``forward(input_ids [B, S]) -> logits [B, S, vocab]`` (causal); ``moe_ep.model_moe`` finds its MoE layers.
 
     ``activation_checkpointing`` (False): checkpoint every block in training forwards (module docstring).
     """

@@ -59,6 +59,11 @@ class ParallelState:
         return self.world_size > 1
 
     @property
+    def is_rank0(self) -> bool:
+        """This process is global rank 0 (or the only process): the one that writes shared files and prints."""
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    @property
     def ranks_per_node(self) -> int:
         """EP ranks on one node (the size of the intra-node group)."""
         return self.ep_size // self.nodes

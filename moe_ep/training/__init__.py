@@ -1,11 +1,13 @@
-"""Training loop, metrics and plots shared by the launchers (launch/train.py).
+"""Training: the driver, its trainers, the training configuration, metrics, plots and checkpoints of a run.
 
-Checkpoints live in ``moe_ep.checkpoint``; their training-state functions are re-exported here.
+``run(trainer, sampler, parallel, cfg)`` (driver.py) is the one training loop; ``PlainTrainer`` (plain.py),
+``training.deepspeed.DeepSpeedTrainer`` and ``moe_ep.distill.Distiller`` are its trainers. docs/training.md
+describes them; docs/design.md draws the layers.
 """
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loop import RunResult, evaluate, train
-from .plots import plot_run
+from .driver import RunResult, Trainer, evaluate, run
+from .plain import PlainTrainer
 
-__all__ = ["RunResult", "TrainConfig", "evaluate", "latest_checkpoint", "load_checkpoint", "plot_run",
-           "save_checkpoint", "train"]
+__all__ = ["PlainTrainer", "RunResult", "TrainConfig", "Trainer", "evaluate", "load_checkpoint", "run",
+           "save_checkpoint"]

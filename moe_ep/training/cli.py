@@ -108,7 +108,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, out_default: str, ckpt_help: str) -> None:
-    """Logging, validation, checkpoint interval, data, seed, output folder and activation checkpointing."""
+    """Logging, validation, checkpoint interval, data, seed, output folder, activation checkpointing, TensorBoard."""
     p = parser
     p.add_argument("--log-every", type=int, default=_DEFAULTS.log_every, help="steps between metrics records")
     p.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
@@ -120,6 +120,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, out_default: str, ckpt_he
     p.add_argument("--out", default=out_default, help="output folder (metrics, plots, checkpoints)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only each transformer block's input and recompute the block in backward")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard (needs moe_ep[train])")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:

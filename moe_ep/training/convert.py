@@ -44,12 +44,13 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.folders import clear_folder, is_empty
+from ..checkpoint.manifest import CheckpointError, check_name, read_manifest
+from ..checkpoint.save_load import write_checkpoint
 from ..layer import MoELayer
 from ..models import MoETransformerLM
 from ..parallel.state import ParallelState
-from .folders import clear_folder, is_empty
-from .manifest import CheckpointError, check_name, read_manifest
-from .save_load import load_model, model_config_from, write_checkpoint
+from .checkpoints import load_model, model_config_from
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")

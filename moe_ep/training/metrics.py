@@ -23,6 +23,9 @@ optimizer updates:
                   (DeepSpeed's loss scaler; 0 otherwise)
     lr            learning rate of the interval's last update
     expert_load   per MoE layer, each expert's share of the interval's routed pairs
+    <name>_loss   the interval mean of every other loss part a trainer reports
+                  (``StepResult.parts``; distillation: distill_loss, hidden_loss,
+                  attention_loss, relation_loss, total_loss), over every rank
     val_loss      validation cross-entropy (validation steps only)
 
 A step is one optimizer step whatever its number of micro-batches: losses
@@ -57,6 +60,7 @@ class IntervalMeter:
     def reset(self) -> None:
         f64 = dict(dtype=torch.float64, device=self.device)
         self.sums = torch.zeros(7, **f64)  # loss, aux, grad_norm, routed, processed, dropped, max_vio
+        self.part_sums: dict[str, torch.Tensor] = {}
         self.load_LE = torch.zeros(self.shape, **f64)
         self.steps = 0
         self.skipped = 0
@@ -68,8 +72,9 @@ class IntervalMeter:
         """Start the clock of one training step."""
         self.step_started = time.perf_counter()
 
-    def add(self, result: StepResult, lr: float) -> None:
-        """End a training step: its losses (local CE, global aux), norm and every micro-batch's MoE ``last_stats``."""
+    def add(self, result: StepResult) -> None:
+        """End a training step: its losses (local CE and parts, global aux), norm, lr and every micro-batch's MoE
+        ``last_stats``."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         flat = [s for micro in result.stats for s in micro]
         pairs = [sum((getattr(s, name).double() for s in flat), zero)
@@ -83,17 +88,21 @@ class IntervalMeter:
             self.load_LE += step_load_LE
         grad_norm = result.grad_norm.double() if result.applied else zero
         self.sums += torch.stack([result.ce.double(), result.aux.double(), grad_norm, *pairs, max_vio])
+        for name, value in result.parts.items():
+            self.part_sums[name] = self.part_sums.get(name, zero) + value.double()
         self.steps += 1
         self.skipped += not result.applied
-        self.lr = lr
+        self.lr = result.lr
         self.step_ended = time.perf_counter()
         self.seconds += self.step_ended - self.step_started
 
     def flush(self, parallel: ParallelState) -> dict:
         """The interval's record fields (collective: every rank calls it); then reset."""
         sums = self.sums.clone()
-        loss_sum = parallel.all_reduce_world(sums[:1].clone()) / parallel.world_size
-        values = torch.cat([loss_sum, sums[1:]]).tolist()
+        names = sorted(self.part_sums)
+        local = torch.stack([sums[0], *(self.part_sums[name] for name in names)])  # each rank's own losses
+        local = (parallel.all_reduce_world(local) / parallel.world_size).tolist()
+        values = [local[0]] + sums[1:].tolist()
         seconds = self.seconds + (time.perf_counter() - self.step_ended)  # + device work still queued
         loss, aux, grad_norm, routed, processed, dropped, max_vio = values
         if processed + dropped != routed:  # exact: float64 sums of integer counts
@@ -107,7 +116,8 @@ class IntervalMeter:
                       dropped_frac=dropped / max(routed, 1.0), max_vio=max_vio / n,
                       grad_norm=grad_norm / applied if applied else float("nan"), skipped_steps=self.skipped,
                       lr=self.lr, routed_pairs=int(routed), processed_pairs=int(processed), dropped_pairs=int(dropped),
-                      expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()])
+                      expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()],
+                      **{f"{name}_loss": value / n for name, value in zip(names, local[1:])})
         self.reset()
         return record
 

@@ -6,10 +6,10 @@ their parsed arguments; it reads ``hf_model``, ``preset``, ``moe`` (the
 
 * Preset: ``MoETransformerLM(ModelConfig.preset(preset) with the overrides)``
   on the byte corpus of ``moe_ep.data.load_corpus``.
-* ``--hf-model DIR``: ``AutoModelForCausalLM.from_pretrained(DIR)`` in fp32
-  (the loop trains fp32 weights), KV cache off, made expert-parallel by
-  ``moe_ep.hf_model.expert_parallelize(model, parallel, **overrides)`` on the
-  CPU (only this rank's experts reach the device), then moved to the device.
+* ``--hf-model DIR``: ``moe_ep.hf_model.load_causal_lm(DIR, parallel, **overrides)``
+  in fp32 (the trainers keep fp32 weights): ``from_pretrained``, KV cache off,
+  made expert-parallel on the CPU (only this rank's experts reach the
+  device), then moved to the device.
   Data: the byte corpus when the model's vocabulary has at least 256 entries
   (bytes are valid ids); otherwise the same text encoded by the folder's
   tokenizer (``tokenize_corpus``).
@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..data import VOCAB_SIZE, Corpus, load_corpus, tokenize_corpus
-from ..hf_model import expert_parallelize, save_hf_pretrained
+from ..hf_model import load_causal_lm, save_pretrained
 from ..models import ModelConfig, MoETransformerLM
 from ..parallel.state import ParallelState
 from .config import TrainConfig, parse_field_overrides
@@ -73,20 +71,10 @@ def build_model(args: argparse.Namespace, parallel: ParallelState, device: torch
         model = MoETransformerLM(config, parallel, seed=seed).to(device)
         return ModelSource(model, load_corpus(args.data, max_bytes=args.max_data_bytes), None, config.to_dict())
     overrides = parse_field_overrides(args.moe)
-    model = _load_hf_causal_lm(args.hf_model, parallel, device, overrides)
+    model = load_causal_lm(args.hf_model, parallel, **overrides).to(device)
     corpus, tokenizer = hf_corpus(args.hf_model, model.config.vocab_size, args.data, args.max_data_bytes)
     info = dict(hf_model=args.hf_model, config=model.config.to_dict(), moe_overrides=overrides)
     return ModelSource(model, corpus, tokenizer, info)
-
-
-def _load_hf_causal_lm(folder: str, parallel: ParallelState, device: torch.device, overrides: dict) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(folder) / "config.json").is_file():
-        raise SystemExit(f"--hf-model {folder}: no config.json there (expected a folder written by save_pretrained)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config.use_cache = False
-    return expert_parallelize(model, parallel, **overrides).to(device)
 
 
 def hf_corpus(folder: str, vocab_size: int, data: str | None, max_bytes: int) -> tuple[Corpus, Any]:
@@ -109,7 +97,4 @@ def hf_corpus(folder: str, vocab_size: int, data: str | None, max_bytes: int) ->
 
 def save_hf(source: ModelSource, folder: str) -> None:
     """Write the trained transformers model (and the tokenizer, if the run used one) to ``folder``; collective."""
-    save_hf_pretrained(source.model, folder)
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if source.tokenizer is not None and is_rank0:
-        source.tokenizer.save_pretrained(folder)
+    save_pretrained(source.model, folder, tokenizer=source.tokenizer)

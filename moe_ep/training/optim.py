@@ -9,17 +9,21 @@ from torch import nn
 from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter; weight decay only on tensors of 2+ dims.
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The parameter groups ``decay`` (tensors of 2+ dims, at ``weight_decay``) and ``no_decay`` (1-D, at 0).
 
     Norm weights (1-D) are not decayed; the embedding, projections, routers
     and expert stacks are. Group order is fixed, so optimizer state dicts of
     identical models match.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2))
+    return [dict(name="decay", params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+            dict(name="no_decay", params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter in ``decay_groups``."""
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

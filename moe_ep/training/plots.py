@@ -4,6 +4,9 @@
 * ``expert_load.png``: one panel per MoE layer, experts (rows) x steps
   (columns), colour = the expert's load / mean load over the interval ending
   at that step (1 = balanced; blue under-, red over-loaded).
+* ``loss_parts.png`` (only when the records hold other loss parts, e.g.
+  distillation's): the label loss and every other ``*_loss`` part per record,
+  log scale.
 """
 from __future__ import annotations
 
@@ -65,8 +68,32 @@ def plot_expert_load(records: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def loss_parts(records: list[dict]) -> list[str]:
+    """The ``*_loss`` fields of the records beyond the training, auxiliary and validation losses."""
+    return sorted({k for r in records for k in r if k.endswith("_loss") and "val" not in k and k != "aux_loss"})
+
+
+def plot_loss_parts(records: list[dict], path: Path) -> Path:
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for name in ["loss"] + loss_parts(records):
+        points = [(r["step"], r[name]) for r in records if name in r]
+        if points:
+            ax.plot(*zip(*points), label="loss (labels)" if name == "loss" else name)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (interval mean)")
+    ax.set_title("Loss parts")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def plot_run(out_dir: Path) -> list[Path]:
-    """Write both PNGs next to ``out_dir/metrics.jsonl``; return their paths."""
+    """Write the PNGs (module docstring) next to ``out_dir/metrics.jsonl``; return their paths."""
     out_dir = Path(out_dir)
     records = read_metrics(out_dir / "metrics.jsonl")
-    return [plot_losses(records, out_dir / "loss.png"), plot_expert_load(records, out_dir / "expert_load.png")]
+    paths = [plot_losses(records, out_dir / "loss.png"), plot_expert_load(records, out_dir / "expert_load.png")]
+    if loss_parts(records):
+        paths.append(plot_loss_parts(records, out_dir / "loss_parts.png"))
+    return paths

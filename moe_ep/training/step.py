@@ -1,11 +1,11 @@
-"""One optimizer step: micro-batches, precision, losses; shared by the plain loop and the DeepSpeed step.
+"""What every trainer's step shares: micro-batches, precision, losses, and the step's result.
 
 A rank's batch of a step (``B`` sequences) is split into ``N`` micro-batches
 of ``B / N`` sequences (gradient accumulation; N = 1: the batch itself). For
 each micro-batch ``m``, under the precision's autocast:
 
-    loss_m = CE(model(m[:, :-1]), m[:, 1:]) + total_aux_loss(model)
-    backward(loss_m / N)          the plain loop; DeepSpeed's engine.backward divides by N itself
+    loss_m, parts_m = loss_fn(m)        e.g. CE(model(m[:, :-1]), m[:, 1:]) + total_aux_loss(model)
+    backward(loss_m, last)              scaling by 1/N is the trainer's (DeepSpeed's engine does it itself)
 
 so the auxiliary losses are scaled like the main loss, and the MoE layers
 accumulate every micro-batch's loads until the step is closed
@@ -25,35 +25,40 @@ fp16; DeepSpeed's ``fp16`` section has (launch/ds_config_fp16.json).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, ContextManager
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model_moe import moe_layers, total_aux_loss, update_moe_bias
-from ..parallel.grads import clip_gradients, sync_gradients
-from ..parallel.state import ParallelState
-from .config import PRECISIONS, TrainConfig
-from .optim import set_lr
+from ..model_moe import moe_layers, total_aux_loss
+from .config import PRECISIONS
+
+LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 @dataclass
 class StepResult:
     """What one optimizer step reports (detached tensors).
 
-    ce, aux: mean cross-entropy and summed MoE auxiliary loss over the
-        step's micro-batches; grad_norm: global norm before clipping;
+    ce, aux: mean cross-entropy on the labels and summed MoE auxiliary loss
+        over the step's micro-batches; parts: the means of any other named
+        loss parts (distillation's ``distill``, ``hidden``, ``total``...);
+    grad_norm: global norm before clipping (NaN when not measured);
     stats: each micro-batch's list of MoE ``last_stats`` (depth order);
-    applied: False when the optimizer skipped the step (fp16 overflow).
+    lr: the learning rate of the update; applied: False when the optimizer
+        skipped the step (fp16 overflow).
     """
 
     ce: torch.Tensor
     aux: torch.Tensor
     grad_norm: torch.Tensor
     stats: list[list]
+    lr: float = math.nan
     applied: bool = True
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -71,6 +76,19 @@ def next_token_loss(model: nn.Module, batch_BS: torch.Tensor) -> torch.Tensor:
     return cross_entropy(out if torch.is_tensor(out) else out.logits, batch_BS[:, 1:])
 
 
+def language_model_loss(forward: nn.Module, model: nn.Module) -> LossFn:
+    """``loss_fn`` of next-token training: ``CE(forward(m[:, :-1]), m[:, 1:]) + total_aux_loss(model)``.
+
+    ``forward``: what runs the batch (the model, or a DeepSpeed engine around
+    it); ``model``: where the MoE layers are.
+    """
+    def loss_fn(micro_BS: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = next_token_loss(forward, micro_BS)
+        aux = total_aux_loss(model)
+        return ce + aux, dict(ce=ce.detach(), aux=aux.detach())
+    return loss_fn
+
+
 def precision_autocast(precision: str, device: torch.device) -> ContextManager:
     """The autocast context of ``precision`` on ``device`` (``fp32``: none)."""
     if precision not in PRECISIONS:
@@ -86,45 +104,26 @@ def split_micro_batches(batch_BS: torch.Tensor, n: int) -> list[torch.Tensor]:
     return list(batch_BS.chunk(n))
 
 
-def forward_backward(forward: nn.Module, model: nn.Module, micro_batches: list[torch.Tensor],
-                     backward: Callable[[torch.Tensor, bool], None], precision: str = "fp32") -> StepResult:
-    """Forward and backward of every micro-batch (module docstring); the step's result, ``grad_norm`` unset (NaN).
+def forward_backward(model: nn.Module, micro_batches: Sequence[Any], loss_fn: LossFn,
+                     backward: Callable[[torch.Tensor, bool], None], precision: str = "fp32",
+                     device: Optional[torch.device] = None) -> StepResult:
+    """Forward and backward of every micro-batch (module docstring); the step's result without norm and lr.
 
-    ``forward``: what runs the batch (the model, or the DeepSpeed engine
-    around it); ``model``: where the MoE layers are. ``backward(loss_m,
-    is_last)`` back-propagates ``loss_m`` (scaling it by 1/N is its job).
+    ``loss_fn(m) -> (loss, parts)`` runs under the precision's autocast on
+    ``device`` (default: the model's); ``parts`` holds at least ``ce`` and
+    ``aux`` (detached). ``model``: where the MoE layers are.
+    ``backward(loss_m, is_last)`` back-propagates.
     """
-    device = micro_batches[0].device
-    ce_sum = torch.zeros((), device=device)
-    aux_sum = torch.zeros((), device=device)
+    device = device or next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
     stats = []
     for i, micro in enumerate(micro_batches):
         with precision_autocast(precision, device):
-            ce = next_token_loss(forward, micro)
-        aux = total_aux_loss(model)
+            loss, parts = loss_fn(micro)
         stats.append([layer.last_stats for layer in moe_layers(model)])
-        backward(ce + aux, i == len(micro_batches) - 1)
-        ce_sum += ce.detach()
-        aux_sum += aux.detach()
-    n = len(micro_batches)
-    return StepResult(ce_sum / n, aux_sum / n, torch.full((), float("nan")), stats)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float,
-               parallel: ParallelState, cfg: TrainConfig) -> StepResult:
-    """One optimizer step of the plain loop over ``cfg.grad_accum`` micro-batches of ``batch``.
-
-    Micro-batches (module docstring), then ``sync_gradients``,
-    ``clip_gradients``, AdamW, ``update_moe_bias``.
-    """
-    set_lr(optimizer, lr)
-    optimizer.zero_grad(set_to_none=True)
-    micro_batches = split_micro_batches(batch, cfg.grad_accum)
-    n = len(micro_batches)
-    result = forward_backward(model, model, micro_batches, lambda loss, last: (loss / n).backward(),
-                              cfg.precision)
-    sync_gradients(model, parallel)
-    result.grad_norm = clip_gradients(model, parallel, cfg.grad_clip)
-    optimizer.step()
-    update_moe_bias(model)
-    return result
+        backward(loss, i == len(micro_batches) - 1)
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value.float()
+    means = {name: total / len(micro_batches) for name, total in sums.items()}
+    ce, aux = means.pop("ce"), means.pop("aux")
+    return StepResult(ce, aux, torch.full((), float("nan")), stats, parts=means)

@@ -111,6 +111,6 @@ def skewed_dropping_metrics(rank: int, world: int, steps: int) -> dict:
         with torch.no_grad():
             for layer in layers:
                 layer(x)
-        meter.add(StepResult(zero, zero, zero, [[layer.last_stats for layer in layers]]), lr=0.0)
+        meter.add(StepResult(zero, zero, zero, [[layer.last_stats for layer in layers]], lr=0.0))
         tokens += batch * 8
     return dict(record=meter.flush(state), tokens=tokens)
