@@ -45,9 +45,12 @@ def activation_grad(h_RJ: torch.Tensor, da_RI: torch.Tensor, activation: str,
     return torch.ops.aten.gelu_backward.grad_input(da_RI, h_RJ, grad_input=da_RI if out is None else out)
 
 
-def row_dots(a_RI: torch.Tensor, b_RI: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``<a_r, b_r>`` for every row, in chunks of rows so the product temporary stays small."""
-    rows = max(1, _DOT_CHUNK_ELEMENTS // max(1, a_RI.shape[1]))
+def row_dots(a_RI: torch.Tensor, b_RI: torch.Tensor, out: Optional[torch.Tensor] = None,
+             chunk_elements: Optional[int] = None) -> torch.Tensor:
+    """``<a_r, b_r>`` for every row, in chunks of rows so the product temporary stays small (at most
+    ``_DOT_CHUNK_ELEMENTS``, or ``chunk_elements`` when smaller)."""
+    limit = _DOT_CHUNK_ELEMENTS if chunk_elements is None else min(chunk_elements, _DOT_CHUNK_ELEMENTS)
+    rows = max(1, limit // max(1, a_RI.shape[1]))
     dots_R = a_RI.new_empty(a_RI.shape[0]) if out is None else out
     for a, b, dots in zip(a_RI.split(rows), b_RI.split(rows), dots_R.split(rows)):
         torch.sum(a * b, dim=1, out=dots)
@@ -55,10 +58,11 @@ def row_dots(a_RI: torch.Tensor, b_RI: torch.Tensor, out: Optional[torch.Tensor]
 
 
 def scaled_activation(h_RJ: torch.Tensor, da_RI: torch.Tensor, scale_R1: torch.Tensor, activation: str,
-                      d_weight_R: Optional[torch.Tensor]) -> torch.Tensor:
+                      d_weight_R: Optional[torch.Tensor], dot_chunk_elements: Optional[int] = None) -> torch.Tensor:
     """First half of the backward of ``a = scale * act(h)`` from ``da~ = dL/da``: returns ``scale * act(h)``.
 
-    Writes ``d scale_r = <da~_r, act(h_r)>`` into ``d_weight_R`` when given.
+    Writes ``d scale_r = <da~_r, act(h_r)>`` into ``d_weight_R`` when given
+    (``row_dots``, in chunks of at most ``dot_chunk_elements``).
     The second half is ``activation_grad(h, da~ * scale)``; between the two
     the caller takes the weight gradient of the next product from the
     returned rows and frees them, so ``h``, ``da~`` and the activation are the
@@ -66,5 +70,5 @@ def scaled_activation(h_RJ: torch.Tensor, da_RI: torch.Tensor, scale_R1: torch.T
     """
     act_RI = activate(h_RJ, activation)
     if d_weight_R is not None:
-        row_dots(da_RI, act_RI, out=d_weight_R)
+        row_dots(da_RI, act_RI, out=d_weight_R, chunk_elements=dot_chunk_elements)
     return act_RI.mul_(scale_R1)

@@ -95,11 +95,15 @@ def global_counts(routing: Routing, keep_TK: torch.Tensor, processed_pairs: torc
     devices_T = hit_TD.sum(-1)
     f64 = dict(dtype=torch.float64, device=idx_TK.device)
     nonfinite_C = torch.zeros(0, **f64) if nonfinite_C is None else nonfinite_C.to(**f64)
+    # scatter_add and full, not bincount and torch.tensor: on a GPU those read the host (sync-free layers, CUDA graphs)
+    def per_expert(ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(E, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids)).to(**f64)
+
     packed = torch.cat([
-        torch.bincount(idx_TK.flatten(), minlength=E).to(**f64),
-        torch.bincount(routing.scores_TE.detach().argmax(-1), minlength=E).to(**f64) if T else torch.zeros(E, **f64),
+        per_expert(idx_TK.flatten()),
+        per_expert(routing.scores_TE.detach().argmax(-1)) if T else torch.zeros(E, **f64),
         hit_TD.sum(0).to(**f64),
-        torch.tensor([T, n_seq], **f64),
+        torch.full((1,), T, **f64), torch.full((1,), n_seq, **f64),
         keep_TK.sum().reshape(1).to(**f64),
         processed_pairs.reshape(1).to(**f64),
         devices_T.sum().reshape(1).to(**f64),
@@ -154,6 +158,11 @@ def aux_loss(routing: Routing, seq_id_T: torch.Tensor, n_seq: int, counts: Globa
     def per_sequence(values_TX: torch.Tensor) -> torch.Tensor:
         return _units(seq_id_T, n_seq, values_TX)
 
+    def tokens_per_sequence() -> torch.Tensor:
+        # counted in int64: inductor's CPU code generator (torch 2.13) fails on a float index_add of constant
+        # ones over the computed sequence ids (a compiled sync-free layer); an int64 one falls back to aten
+        return per_sequence(torch.ones(T, 1, dtype=torch.long, device=scores_TE.device)).squeeze(-1).to(dtype)
+
     one_hot_TE = torch.zeros(T, E, dtype=dtype, device=scores_TE.device).scatter_(1, idx_TK, 1.0)
     if any(terms):
         if cfg.loss_scope == "batch":
@@ -168,7 +177,7 @@ def aux_loss(routing: Routing, seq_id_T: torch.Tensor, n_seq: int, counts: Globa
             top1_UE = per_sequence(torch.zeros_like(one_hot_TE).scatter_(1, scores_TE.detach().argmax(-1, keepdim=True), 1.0))
             sent_UD = per_sequence(device_hits(idx_TK, E, n_devices).to(dtype))
             prob_UE = per_sequence(scores_TE)
-            tokens_U = per_sequence(scores_TE.new_ones(T, 1)).squeeze(-1)
+            tokens_U = tokens_per_sequence()
             n_units = counts.sequences.to(dtype).clamp_min(1)
         total_U = scores_TE.new_zeros(count_UE.shape[0])
         if cfg.expert_balance_coef:
@@ -184,7 +193,7 @@ def aux_loss(routing: Routing, seq_id_T: torch.Tensor, n_seq: int, counts: Globa
     if cfg.seq_balance_coef:
         normalised_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         seq_U = expert_balance_loss(per_sequence(one_hot_TE), per_sequence(normalised_TE),
-                                    per_sequence(scores_TE.new_ones(T, 1)).squeeze(-1), K)
+                                    tokens_per_sequence(), K)
         contrib = contrib + cfg.seq_balance_coef * seq_U.sum() / counts.sequences.to(dtype).clamp_min(1)
     if cfg.z_loss_coef:
         contrib = contrib + cfg.z_loss_coef * router_z_loss(routing.logits_TE) / counts.tokens.clamp_min(1).to(dtype)

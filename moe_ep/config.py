@@ -142,6 +142,28 @@ class MoEConfig:
             combine of chunk i - 1 are in flight while chunk i's experts run
             (backward: the mirror order). 1: one pass, no pipelining. The
             results equal c = 1's up to the order of floating-point sums.
+        redundant_experts: R, extra physical expert slots per EP group for
+            expert-parallel load balancing (docs/eplb.md): the layer holds
+            ``(n_routed_experts + R) / ep_size`` slots per rank, some of them
+            replicas of hot experts, placed by ``moe_ep.eplb.plan_placement``
+            (a multiple of the EP size). Routing, gates, balance losses, the
+            V3 bias and dropping stay defined on the logical experts; only
+            where a pair is computed changes. 0: one slot per expert, expert e
+            on EP rank ``e // (n_routed_experts / ep_size)`` (unless a plan is
+            set with ``MoELayer.set_placement``).
+        sync_free: no host read in forward or backward, so ``torch.compile``
+            (``fullgraph=True``) and CUDA graphs take the whole layer
+            (moe_ep/dispatch/padded.py). Needs ``expert_capacity_factor``:
+            every buffer is sized by a per-sender expert capacity
+            ``ceil(cf * T * K / E)`` of this rank's T tokens (``[E_local *
+            capacity, H]`` per sender, padded), which applies in eval too
+            (``eval_capacity_factor``, else the training factors); pairs
+            beyond it, protected ones included, are dropped and counted on
+            the device. Every EP rank must pass the same number of tokens.
+            One padded all-to-all over the EP group, experts as batched
+            matmuls: not with ``dispatcher='hierarchical'``,
+            ``overlap_chunks > 1``, ``redundant_experts``, ``check_finite``,
+            ``recompute_experts`` or an ``expert_backend`` other than ``auto``.
 
     Checks:
         check_finite: raise ``moe_ep.finite.NonFiniteError`` on every rank when
@@ -194,6 +216,8 @@ class MoEConfig:
 
     dispatcher: str = "auto"
     overlap_chunks: int = 1
+    redundant_experts: int = 0
+    sync_free: bool = False
 
     check_finite: bool = False
     expert_backend: str = "auto"
@@ -238,6 +262,8 @@ class MoEConfig:
              f"unknown {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
         need(self.dispatcher in DISPATCHERS, "dispatcher", f"unknown {self.dispatcher!r}; choose from {DISPATCHERS}")
         need(self.overlap_chunks >= 1, "overlap_chunks", f"must be a positive int, got {self.overlap_chunks!r}")
+        need(self.redundant_experts >= 0, "redundant_experts",
+             f"must be a non-negative int, got {self.redundant_experts!r}")
 
         E, K = self.n_routed_experts, self.num_experts_per_tok
         need(K <= E, "num_experts_per_tok", f"top-k {K} exceeds n_routed_experts {E}")
@@ -276,6 +302,17 @@ class MoEConfig:
                 need(value > 0 and math.isfinite(value), name, f"must be positive or None, got {value!r}")
         need(0.0 <= self.protected_seq_frac <= 1.0, "protected_seq_frac",
              f"must lie in [0, 1], got {self.protected_seq_frac!r}")
+        if self.sync_free:
+            need(self.expert_capacity_factor is not None, "sync_free",
+                 "needs expert_capacity_factor: every buffer is sized by the expert capacity")
+            for name, conflict in (("dispatcher", self.dispatcher == "hierarchical"),
+                                   ("overlap_chunks", self.overlap_chunks > 1),
+                                   ("redundant_experts", self.redundant_experts > 0),
+                                   ("check_finite", self.check_finite),
+                                   ("recompute_experts", self.recompute_experts),
+                                   ("expert_backend", self.expert_backend != "auto")):
+                need(not conflict, name, f"{getattr(self, name)!r} is not available with sync_free=True (one padded "
+                                         f"all-to-all, experts as batched matmuls, no host read)")
 
     # --------------------------------------------------------------- derived
     @property

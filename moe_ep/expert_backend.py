@@ -1,7 +1,12 @@
-"""Grouped products of the expert FFN, with three backends.
+"""Grouped products of the expert FFN and its two passes, with three backends.
 
 Rows are sorted by expert; expert e owns ``counts_E[e]`` consecutive rows.
-Every backend provides the three products ``moe_ep.expert_ffn`` needs:
+Every backend provides the two passes of ``moe_ep.expert_ffn``:
+
+    ffn_forward(x_S, row_R, counts, weight_R, w_in, w_out, act, keep_pre) -> y_S, and h_R if kept
+    ffn_backward(dy_S, saved..., needs) -> d x_S, d weight_R, d w_in, d w_out
+
+and the grouped products the grouped passes (``_GroupedPasses``) are made of:
 
     pre(x_S, row_R, counts, w_in)              -> h_R = x_S[row_R] @ w_in[e(r)]
     up(x_S, row_R, counts, w_in, act, scale_R) -> a_R = scale_R * act(h_R), and h_R if kept
@@ -14,8 +19,9 @@ Every backend provides the three products ``moe_ep.expert_ffn`` needs:
 longer needs: backends that can write into it do (the gathered rows of
 ``pre``/``up``, the output of ``mm``), others ignore it. On CPU this matters:
 a fresh buffer over glibc's mmap threshold is new pages (page faults) on every
-call; a reused one is not (docs/performance.md, "The expert FFN", has the
-numbers).
+call; a reused one is not, and the large buffers that must be fresh (the
+weight gradients, ``h``) are allocated on huge pages (``moe_ep.host_memory``;
+docs/performance.md has the numbers).
 
 * ``triton``: ``moe_ep.kernels`` (CUDA; the interpreter on CPU). ``up`` is one
   fused launch: the gather happens on load, the activation and the gate
@@ -23,9 +29,10 @@ numbers).
 * ``torch``: ``torch._grouped_mm`` (16-byte aligned strides; its dtypes and
   devices depend on the torch version, ``grouped_mm_problem``); ``up``
   gathers with ``index_select`` first.
-* ``loop``: one matmul per expert, any dtype; reads the counts on the host. Its
-  ``down_backward`` runs expert by expert, so ``dA`` and the activation exist
-  for one expert's rows at a time (the others hold them for all rows).
+* ``loop``: one matmul per expert, any dtype; reads the counts on the host.
+  Its forward is the grouped one; its backward runs expert by expert
+  (``LoopOps.ffn_backward``), so besides ``h`` and the gradients no buffer
+  spans all rows.
 
 ``auto`` picks Triton on CUDA for the kernels' dtypes (float32, bfloat16,
 float16; ``torch._grouped_mm`` there without Triton, where it runs for the
@@ -45,6 +52,7 @@ from typing import Optional
 import torch
 from torch.torch_version import TorchVersion
 
+from . import host_memory
 from .activations import activate, activation_grad, scaled_activation
 from .kernels.gathered_gemm import gathered_grouped_gemm, gathered_up_projection
 from .kernels.grouped_mm import DTYPES as KERNEL_DTYPES
@@ -52,6 +60,7 @@ from .kernels.grouped_mm import grouped_gemm, weight_grad
 from .kernels.runtime import triton_available
 
 BACKENDS = ("auto", "triton", "torch", "loop")
+_BLOCK_ELEMENTS = 1 << 17  # elements of h per block of the loop backend's backward (512 KiB in fp32)
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # torch._grouped_mm's from torch 2.9
 
 
@@ -134,8 +143,44 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
                           aligned=aligned)
 
 
-class _GroupedDownBackward:
-    """``down_backward`` from the backend's grouped ``mm`` and ``wgrad``."""
+class _GroupedPasses:
+    """``ffn_forward`` / ``ffn_backward`` of moe_ep.expert_ffn from the backend's products over all rows at once.
+
+    Each pass allocates one ``[R, H]`` workspace and reuses it for every ``[R, H]`` step (forward: the gathered
+    rows, then the outputs; backward: ``dY_R``, the re-gathered rows, then ``dx_R``), so at most one such buffer
+    is alive; backward holds at most three ``[R, I]`` buffers (``h``, ``dA~``, the activation).
+    """
+
+    def ffn_forward(self, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor,
+                    w_in: torch.Tensor, w_out: torch.Tensor, activation: str,
+                    keep_pre: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(y_S, h_R if keep_pre else None)``: the formula of moe_ep.expert_ffn."""
+        rows_RH = host_memory.empty((row_R.shape[0], x_SH.shape[1]), x_SH)  # gathered rows, then the outputs
+        a_RI, h_RJ = self.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=keep_pre, workspace=rows_RH)
+        y_RH = self.mm(a_RI, w_out, counts_E, out=rows_RH)
+        del a_RI
+        return x_SH.new_zeros(x_SH.shape).index_add_(0, row_R, y_RH), h_RJ
+
+    def ffn_backward(self, dy_SH: torch.Tensor, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor,
+                     weight_R: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h_RJ: Optional[torch.Tensor],
+                     activation: str, needs: tuple[bool, bool, bool, bool]) -> tuple[Optional[torch.Tensor], ...]:
+        """``(d x, d weight, d w_in, d w_out)`` (``d weight`` in x's dtype), None where ``needs`` (the same four
+        flags) is False; ``h_RJ`` None: recompute it."""
+        need_x, need_weight, need_w_in, need_w_out = needs
+        rows_RH = host_memory.empty((row_R.shape[0], x_SH.shape[1]), x_SH)  # gathered dY, x, then dx rows
+        if h_RJ is None:  # not kept: the routed experts' activation checkpointing
+            h_RJ = self.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
+        scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
+        dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
+        d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
+        d_w_out, dh_RJ = self.down_backward(dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight, need_w_out)
+        del dy_RH, h_RJ
+        d_w_in = self.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
+        d_x = None
+        if need_x:
+            dx_RH = self.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
+            d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
+        return d_x, d_weight, d_w_in, d_w_out
 
     def down_backward(self, dy_RH: torch.Tensor, h_RJ: torch.Tensor, w_out: torch.Tensor, scale_R1: torch.Tensor,
                       counts_E: torch.Tensor, activation: str, d_weight_R: Optional[torch.Tensor],
@@ -169,47 +214,88 @@ class _GatherThenUp:
         return a_RI, (h_RJ if keep_pre else None)
 
 
-class LoopOps(_GatherThenUp):
-    """One ``torch.mm`` per expert (host reads of the counts)."""
+def _expert_blocks(sizes: list[int], width: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive experts in blocks of at least ``_BLOCK_ELEMENTS / width`` rows (the last block may have fewer):
+    ``(first expert, end expert, first row, end row)`` of each."""
+    min_rows = max(1, _BLOCK_ELEMENTS // max(1, width))
+    blocks, first, lo, hi = [], 0, 0, 0
+    for e, n in enumerate(sizes):
+        hi += n
+        if hi - lo >= min_rows or e == len(sizes) - 1:
+            blocks.append((first, e + 1, lo, hi))
+            first, lo = e + 1, hi
+    return blocks
+
+
+def _mm_per_expert(x_RK: torch.Tensor, w_EKN: torch.Tensor, sizes: list[int], out_RN: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[r] @ w[e(r)]``, one ``torch.mm`` per expert into ``out``."""
+    for w_KN, x_e, out_e in zip(w_EKN.unbind(0), x_RK.split(sizes), out_RN.split(sizes)):
+        torch.mm(x_e, w_KN, out=out_e)
+    return out_RN
+
+
+def _wgrad_per_expert(x_RK: torch.Tensor, dy_RN: torch.Tensor, sizes: list[int], out_EKN: torch.Tensor) -> None:
+    """``out[e] = x_e^T @ dy_e`` (zeros for an expert without rows), one ``torch.mm`` per expert."""
+    for out_KN, x_e, dy_e in zip(out_EKN.unbind(0), x_RK.split(sizes), dy_RN.split(sizes)):
+        torch.mm(x_e.t(), dy_e, out=out_KN)
+
+
+class LoopOps(_GatherThenUp, _GroupedPasses):
+    """One ``torch.mm`` per expert (host reads of the counts); the backward in blocks of experts (``ffn_backward``)."""
 
     def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out_RN = x_RK.new_empty(x_RK.shape[0], w_EKN.shape[-1]) if out is None else out
-        sizes = counts_E.tolist()  # one host read
-        for e, (x_e, out_e) in enumerate(zip(x_RK.split(sizes), out_RN.split(sizes))):
-            torch.mm(x_e, w_EKN[e], out=out_e)
-        return out_RN
+        out_RN = host_memory.empty((x_RK.shape[0], w_EKN.shape[-1]), x_RK) if out is None else out
+        return _mm_per_expert(x_RK, w_EKN, counts_E.tolist(), out_RN)  # one host read
 
     def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dw_EKN = x_RK.new_empty(counts_E.numel(), x_RK.shape[1], dy_RN.shape[1])
-        sizes = counts_E.tolist()
-        for e, (x_e, dy_e) in enumerate(zip(x_RK.split(sizes), dy_RN.split(sizes))):
-            torch.mm(x_e.t(), dy_e, out=dw_EKN[e])
+        dw_EKN = host_memory.empty((counts_E.numel(), x_RK.shape[1], dy_RN.shape[1]), x_RK)
+        _wgrad_per_expert(x_RK, dy_RN, counts_E.tolist(), dw_EKN)
         return dw_EKN
 
-    def down_backward(self, dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight_R, need_w_out):
-        """As ``_GroupedDownBackward.down_backward``, expert by expert: of the ``[R, I]`` buffers only ``h`` and
-        ``dh`` span all rows; ``dA~`` and the activation are one expert's rows (and stay in cache)."""
-        sizes = counts_E.tolist()
-        dh_RJ = torch.empty_like(h_RJ)
-        d_w_out = w_out.new_empty(w_out.shape) if need_w_out else None
-        dots = d_weight_R.split(sizes) if d_weight_R is not None else [None] * len(sizes)
-        for e, (dy_e, h_e, scale_e, dh_e, dots_e) in enumerate(zip(
-                dy_RH.split(sizes), h_RJ.split(sizes), scale_R1.split(sizes), dh_RJ.split(sizes), dots)):
-            if sizes[e] == 0:
-                if need_w_out:
-                    d_w_out[e].zero_()
-                continue
-            da_e = torch.mm(dy_e, w_out[e].t())
-            act_e = scaled_activation(h_e, da_e, scale_e, activation, dots_e)
+    def ffn_backward(self, dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation, needs):
+        """As ``_GroupedPasses.ffn_backward``, one block of consecutive experts at a time (``_expert_blocks``:
+        at least ``_BLOCK_ELEMENTS`` elements of ``h`` each, so the element-wise steps are not paid per tiny
+        expert): the block's rows of ``dY`` and ``x`` are gathered and go through the whole backward (``dA~``, the
+        activation, ``dW_out``, ``dh``, ``dW_in``, ``dx``, the products one expert at a time) and are added into
+        ``d x`` before the next block's. Besides ``h`` and the gradients no buffer spans all rows (with ``h_RJ``
+        None, ``h`` is recomputed one block at a time too)."""
+        need_x, need_weight, need_w_in, need_w_out = needs
+        sizes = counts_E.tolist()  # one host read
+        d_x = torch.zeros_like(x_SH) if need_x else None
+        d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
+        d_w_in = host_memory.empty(w_in.shape, w_in) if need_w_in else None
+        d_w_out = host_memory.empty(w_out.shape, w_out) if need_w_out else None
+        scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
+        J, I = w_in.shape[2], w_out.shape[1]
+        for first, end, lo, hi in _expert_blocks(sizes, J):
+            block, row_b, scale_b = sizes[first:end], row_R[lo:hi], scale_R1[lo:hi]
+            x_b = None
+            if h_RJ is None:
+                x_b = x_SH.index_select(0, row_b)
+                h_b = _mm_per_expert(x_b, w_in[first:end], block, x_SH.new_empty(hi - lo, J))
+            else:
+                h_b = h_RJ[lo:hi]
+            dy_b = dy_SH.index_select(0, row_b)
+            da_b = _mm_per_expert(dy_b, w_out[first:end].transpose(1, 2), block, dy_b.new_empty(hi - lo, I))
+            act_b = scaled_activation(h_b, da_b, scale_b, activation, None if d_weight is None else d_weight[lo:hi],
+                                      dot_chunk_elements=_BLOCK_ELEMENTS // 4)
             if need_w_out:
-                torch.mm(act_e.t(), dy_e, out=d_w_out[e])
-            del act_e
-            activation_grad(h_e, da_e.mul_(scale_e), activation, out=dh_e)
-        return d_w_out, dh_RJ
+                _wgrad_per_expert(act_b, dy_b, block, d_w_out[first:end])
+            del act_b
+            dh_b = activation_grad(h_b, da_b.mul_(scale_b), activation)
+            del da_b, h_b  # with GELU dh is written over dA~
+            if need_w_in:  # x's rows gathered only now: fewer rows of the block alive at once
+                x_b = x_SH.index_select(0, row_b) if x_b is None else x_b
+                _wgrad_per_expert(x_b, dh_b, block, d_w_in[first:end])
+            del x_b
+            if need_x:  # dx rows into dY's buffer, which is done with
+                d_x.index_add_(0, row_b, _mm_per_expert(dh_b, w_in[first:end].transpose(1, 2), block, dy_b))
+            del dh_b, dy_b  # before the next block's buffers
+        return d_x, d_weight, d_w_in, d_w_out
 
 
-class TorchOps(_GatherThenUp, _GroupedDownBackward):
+class TorchOps(_GatherThenUp, _GroupedPasses):
     """``torch._grouped_mm`` with int32 offsets (no host sync).
 
     On CPU the weight gradient is the per-expert loop: ``torch._grouped_mm``'s
@@ -230,7 +316,7 @@ class TorchOps(_GatherThenUp, _GroupedDownBackward):
         return torch._grouped_mm(x_RK.t(), dy_RN, offs=self._offsets(counts_E))
 
 
-class TritonOps(_GroupedDownBackward):
+class TritonOps(_GroupedPasses):
     """``moe_ep.kernels``: gather on load (+ activation + gate weight) launches, grouped GEMM, weight gradient."""
 
     def mm(self, x_RK, w_EKN, counts_E, out=None):

@@ -34,12 +34,12 @@ autocast off whatever the caller's state: ``MoELayer`` chooses the compute
 dtype and casts x once before dispatch, ``RoutedExperts`` casts the weights
 to x's dtype.
 
-The grouped products come from the backend (``moe_ep.expert_backend``):
-Triton fuses the gather, the activation and the gate weight into the first
-GEMM; torch and the loop gather with ``index_select`` first. Each pass
-allocates one ``[R, H]`` workspace and reuses it for every ``[R, H]`` step
-(forward: the gathered rows, then the outputs; backward: ``dY_R``, the
-re-gathered rows, then ``dx_R``), so at most one such buffer is alive.
+Both passes are the backend's (``moe_ep.expert_backend``). Triton and torch
+run each step over all rows with grouped products (Triton fuses the gather,
+the activation and the gate weight into the first GEMM), reusing one
+``[R, H]`` workspace per pass. The per-expert loop (CPU) runs its backward
+expert by expert: every step of one expert's rows before the next expert's,
+so besides ``h`` and the gradients no buffer spans all rows.
 """
 from __future__ import annotations
 
@@ -55,20 +55,11 @@ EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of 
 
 
 class _ExpertFFN(torch.autograd.Function):
-    # One [R, H] workspace per pass, reused by every step that needs [R, H] rows (see expert_backend).
+    # The passes themselves are the backend's (``ffn_forward`` / ``ffn_backward`` of moe_ep.expert_backend).
     @staticmethod
     def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre):
         with record_function(EXPERTS_LABEL):
-            return _ExpertFFN._forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre)
-
-    @staticmethod
-    def _forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre):
-        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered rows, then the outputs
-        a_RI, h_RJ = ops.up(x_SH, row_R, counts_E, w_in, activation, weight_R, keep_pre=keep_pre,
-                            workspace=rows_RH)
-        y_RH = ops.mm(a_RI, w_out, counts_E, out=rows_RH)
-        del a_RI
-        y_SH = x_SH.new_zeros(x_SH.shape).index_add_(0, row_R, y_RH)
+            y_SH, h_RJ = ops.ffn_forward(x_SH, row_R, counts_E, weight_R, w_in, w_out, activation, keep_pre)
         ctx.save_for_backward(x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ)
         ctx.ops, ctx.activation = ops, activation
         return y_SH
@@ -77,27 +68,11 @@ class _ExpertFFN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy_SH):
         with autocast_off(dy_SH.device.type), record_function(EXPERTS_LABEL + ".backward"):
-            return _ExpertFFN._backward(ctx, dy_SH)
-
-    @staticmethod
-    def _backward(ctx, dy_SH):
-        x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
-        ops, activation = ctx.ops, ctx.activation
-        need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
-        rows_RH = x_SH.new_empty(row_R.shape[0], x_SH.shape[1])  # gathered dY, x, then dx rows
-        if h_RJ is None:  # not kept: the routed experts' activation checkpointing
-            h_RJ = ops.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
-        scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
-
-        dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
-        d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
-        d_w_out, dh_RJ = ops.down_backward(dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight, need_w_out)
-        del dy_RH, h_RJ
-        d_w_in = ops.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
-        d_x = None
-        if need_x:
-            dx_RH = ops.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
-            d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
+            x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
+            need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
+            d_x, d_weight, d_w_in, d_w_out = ctx.ops.ffn_backward(
+                dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, ctx.activation,
+                (need_x, need_weight, need_w_in, need_w_out))
         d_weight = d_weight.to(weight_R.dtype) if need_weight else None
         return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import activate
 from .config import MoEConfig
 from .expert_ffn import expert_ffn
 
@@ -51,6 +52,16 @@ class RoutedExperts(nn.Module):
         """
         return expert_ffn(x_SH, row_R, counts_E, weight_R, self.w_in.to(x_SH.dtype), self.w_out.to(x_SH.dtype),
                           self.activation, self.backend, self.recompute)
+
+    def padded(self, x_ENH: torch.Tensor) -> torch.Tensor:
+        """``y_EN = act(x_EN W_in[e]) W_out[e]``: N rows of every local expert, as batched matmuls, no gate weight.
+
+        The sync-free dispatcher's experts (``moe_ep.dispatch.padded``): its buffers hold a fixed number of
+        slots per expert, empty ones zero (and ``act(0) = 0``, so they stay zero). Plain differentiable ops:
+        autograd, or ``torch.compile``, makes the backward.
+        """
+        h_ENJ = torch.bmm(x_ENH, self.w_in.to(x_ENH.dtype))
+        return torch.bmm(activate(h_ENJ, self.activation), self.w_out.to(x_ENH.dtype))
 
 
 class SharedExperts(nn.Module):

@@ -17,15 +17,21 @@ an expert shard's local gradient already holds the contributions of every
 token of its EP group (the all-to-all backward brings them back), so only
 the ``dp_size`` replicas remain to be summed, and the division by the full
 world size averages over the data sources.
+
+Redundant experts (``MoEConfig.redundant_experts``, moe_ep/eplb/): the slots
+holding one logical expert first sum their gradients over the EP group
+(``eplb.gradients.sum_replica_gradients``), and norms count each logical
+expert once.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .eplb.gradients import counted_rows, sum_replica_gradients
 from .layer import MoELayer
 from .parallel.state import ParallelState
 
@@ -69,8 +75,10 @@ def sync_gradients(model: nn.Module, parallel: ParallelState, bucket_bytes: int 
 
     Collective over the world: call it on every rank after ``backward``.
     Parameters without a gradient get zeros first, so every rank issues the
-    same collectives. No-op on one process.
+    same collectives. No-op on one process, but for the sum over replicated
+    experts' slots (module docstring).
     """
+    sum_replica_gradients(model)
     if not parallel.distributed:
         return
     replicated, experts = partition_parameters(model)
@@ -81,29 +89,40 @@ def sync_gradients(model: nn.Module, parallel: ParallelState, bucket_bytes: int 
     _reduce_mean(experts, parallel.edp_group, parallel.dp_size, parallel.world_size, bucket_bytes)
 
 
-def _squared_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+def _squared_norm(params: list[nn.Parameter], device: torch.device, rows: Optional[dict] = None) -> torch.Tensor:
+    """Sum of the squared gradient norms; ``rows``: ``{id(p): bool rows}`` of parameters counted in part."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is not None:
-            total = total + torch.linalg.vector_norm(p.grad, dtype=torch.float64).pow(2)
+            grad = p.grad[rows[id(p)]] if rows and id(p) in rows else p.grad
+            total = total + torch.linalg.vector_norm(grad, dtype=torch.float64).pow(2)
     return total
 
 
-def clip_gradients(model: nn.Module, parallel: ParallelState, max_norm: Optional[float]) -> torch.Tensor:
+def clip_gradients(model: nn.Module, parallel: ParallelState, max_norm: Optional[float],
+                   pp_group: Optional[dist.ProcessGroup] = None,
+                   uncounted: Iterable[nn.Parameter] = ()) -> torch.Tensor:
     """Scale gradients so the global L2 norm is at most ``max_norm``; return the norm before clipping.
 
     Call after ``sync_gradients``. The norm is over the whole (unsharded)
     model: replicated gradients are counted once and the expert shards'
-    squared norms are summed over the expert-parallel group, so every rank
-    computes the same norm and applies the same scale (no host sync).
+    squared norms are summed over the expert-parallel group, and with
+    ``pp_group`` (pipeline stages, one rank each) the stages' squared norms
+    are summed too, so every rank computes the same norm and applies the same
+    scale (no host sync). ``uncounted``: parameters clipped but not counted
+    (a pipeline stage's copy of a tied weight that another stage counts).
     ``max_norm=None`` only measures.
     """
     replicated, experts = partition_parameters(model)
     device = next(model.parameters()).device
-    expert_sq = _squared_norm(experts, device)
+    expert_sq = _squared_norm(experts, device, counted_rows(model))  # replicated experts once
     if parallel.ep_size > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=parallel.ep_group)
-    total = (_squared_norm(replicated, device) + expert_sq).sqrt()
+    skip = {id(p) for p in uncounted}
+    total_sq = _squared_norm([p for p in replicated if id(p) not in skip], device) + expert_sq
+    if pp_group is not None:
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_group)
+    total = total_sq.sqrt()
     if max_norm is not None:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in replicated + experts:

@@ -108,14 +108,14 @@ def from_hf_moe(hf_moe_module: torch.nn.Module, hf_config: Any, parallel: Option
     gate_up = state["experts.gate_up_proj"]
     with torch.device(gate_up.device):
         layer = MoELayer(config, parallel)
-    first, last = layer.parallel.expert_range(config.n_routed_experts)
+    ids = layer.local_expert_ids()  # this rank's slots (its expert range, or its placement's experts)
     with torch.no_grad():
         layer.router.weight.copy_(state["gate.weight"].to(layer.router.weight.dtype))
         if config.aux_free_bias:
             layer.router.e_score_correction_bias.copy_(state["gate.e_score_correction_bias"].float())
         layer.experts.to(gate_up.dtype)
-        layer.experts.w_in.copy_(gate_up[first:last].transpose(1, 2))
-        layer.experts.w_out.copy_(state["experts.down_proj"][first:last].transpose(1, 2))
+        layer.experts.w_in.copy_(gate_up[ids].transpose(1, 2))
+        layer.experts.w_out.copy_(state["experts.down_proj"][ids].transpose(1, 2))
         if layer.shared_experts is not None:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 src = state[f"shared_experts.{name}.weight"]

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,9 @@ from .config import MoEConfig
 from .dispatch import make_dispatcher
 from .dispatch.side_stream import SideStream
 from .dropping import DropRule, PairKeys, protected_sequences
+from .eplb.move import move_expert_slots
+from .eplb.placement import Placement
+from .eplb.planner import plan_placement
 from .experts import RoutedExperts, SharedExperts
 from .finite import count_nonfinite, raise_if_nonfinite
 from .parallel.consistency import check_same_on_ranks, describe_mismatch
@@ -78,6 +82,22 @@ def _check_placement(config: MoEConfig, parallel: ParallelState) -> None:
     if config.topk_method == "node_limited" and parallel.nodes > 1 and config.n_group != parallel.nodes:
         raise ValueError(f"MoEConfig.n_group={config.n_group} must equal the {parallel.nodes} nodes of the "
                          f"expert-parallel group for node-limited routing")
+    if config.redundant_experts % ep:
+        raise ValueError(f"MoEConfig.redundant_experts={config.redundant_experts} is not a multiple of ep_size={ep} "
+                         f"(every rank holds the same number of expert slots)")
+
+
+def placement_groups(config: MoEConfig, nodes: int) -> int:
+    """Expert groups ``moe_ep.eplb.plan_placement`` keeps whole on one node for this routing.
+
+    Group-limited routing (V2 device-, V3 node-limited): the routing groups, cut into sub-blocks when
+    there are fewer groups than nodes (``lcm(n_group, nodes)``), so a token limited to M groups reaches
+    at most the nodes it reaches with one slot per expert in id order. Greedy routing: single experts
+    (any expert may go to any node).
+    """
+    if config.topk_method != "greedy" and config.n_group > 1:
+        return math.lcm(config.n_group, nodes)
+    return config.n_routed_experts
 
 
 def check_layout(config: MoEConfig, parallel: ParallelState) -> int:
@@ -92,10 +112,13 @@ def check_layout(config: MoEConfig, parallel: ParallelState) -> int:
 
 @dataclasses.dataclass
 class ReplayLog:
-    """The drop steps (protected-sequence windows) one checkpointed forward of a layer used, in call order."""
+    """The drop steps (protected-sequence windows) and replayed experts (``moe_ep.replay``; None when the router
+    chose) one checkpointed forward of a layer used, in call order."""
 
     drop_steps: list[int] = field(default_factory=list)
     cursor: int = 0
+    routes: list[Optional[torch.Tensor]] = field(default_factory=list)
+    route_cursor: int = 0
 
 
 class MoELayer(nn.Module):
@@ -124,7 +147,10 @@ class MoELayer(nn.Module):
         self.config = config
         self.parallel = parallel
         self.name = name
-        self.forward_count = 0
+        # forward_count and pending_drop_forwards live in tensors: a compiled (sync-free) forward updates them in
+        # its graph, where Python ints on the module would be constants that recompile it whenever they change
+        self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_pending_drop_forwards", torch.zeros((), dtype=torch.long), persistent=False)
         E, K = config.n_routed_experts, config.num_experts_per_tok
         if config.topk_method == "greedy":
             self.device_limit = min(K, self.n_devices)
@@ -134,21 +160,42 @@ class MoELayer(nn.Module):
         self.router = Router(config)
         self.experts = RoutedExperts(config, E // parallel.ep_size)
         self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
-        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E, chunks=config.overlap_chunks)
+        self.placement: Optional[Placement] = None
+        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E, chunks=config.overlap_chunks,
+                                          sync_free=config.sync_free)
         self.side_stream = SideStream()
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
-        self.pending_drop_forwards = 0
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: Optional[RoutingStats] = None
         self._log: Optional[ReplayLog] = None
         self._replaying = False
+        # moe_ep.replay: each forward's chosen experts [T, K] are appended to routing_record when it is a list;
+        # routing_replay(T) supplies the experts of a forward's T tokens instead of the router's top-K
+        self.routing_record: Optional[list[torch.Tensor]] = None
+        self.routing_replay: Optional[Callable[[int], torch.Tensor]] = None
+        if config.redundant_experts:  # a first plan, for equal loads; collective (moves the experts)
+            self.set_placement(self.plan(torch.ones(E)))
 
     def _apply(self, fn, recurse=True):
         # Casting the module (.to(dtype), .bfloat16(), ...) leaves the pending loads in float64: they are counts.
         out = super()._apply(fn, recurse)
         self.load_accum = self.load_accum.double()
         return out
+
+    @property
+    def forward_count(self) -> int:
+        """Forward calls so far (class docstring); one host read."""
+        return int(self._forward_count)
+
+    @forward_count.setter
+    def forward_count(self, value: int) -> None:
+        self._forward_count.fill_(value)
+
+    @property
+    def pending_drop_forwards(self) -> int:
+        """Training forwards of the step in progress that applied a capacity (module docstring); one host read."""
+        return int(self._pending_drop_forwards)
 
     @contextlib.contextmanager
     def recording(self, log: ReplayLog) -> Iterator[None]:
@@ -166,7 +213,7 @@ class MoELayer(nn.Module):
         ``forward_count`` stay those of the first forward. They make the same
         collectives as any forward, so every rank must recompute alike.
         """
-        log.cursor = 0
+        log.cursor = log.route_cursor = 0
         with self._using_log(log, replay=True):
             yield
 
@@ -195,14 +242,16 @@ class MoELayer(nn.Module):
         cfg = self.config
         replay = self._replaying
         if not replay:
-            self.forward_count += 1
+            self._forward_count += 1
         T = x_TH.shape[0]
         seq_len = shape[-2] if len(shape) >= 3 else T
         n_seq = T // seq_len if seq_len else 0
         seq_id_T = torch.arange(T, device=x_TH.device) // max(seq_len, 1)
 
         scope = self._agree_on_forward(T, n_seq, expert_dtype, x_TH.device)
-        routing = self.router(x_TH)
+        routing = self.router(x_TH, self._replayed_experts(T))
+        if self.routing_record is not None and not replay:
+            self.routing_record.append(routing.topk_idx_TK)
         rule, keys = self._drop_plan(routing, seq_id_T, T, scope)
         x_TH = x_TH.to(expert_dtype)  # once, before dispatch: rows cross the all-to-all in the compute dtype
         shared = None
@@ -227,7 +276,7 @@ class MoELayer(nn.Module):
             self.last_stats = routing_stats(counts, cfg.num_experts_per_tok, result.traffic)
             if self.training:
                 self.load_accum += counts.load_E
-                self.pending_drop_forwards += rule is not None
+                self._pending_drop_forwards += rule is not None
         return y_TH.view(shape)
 
     def _agree_on_forward(self, T: int, n_seq: int, expert_dtype: torch.dtype,
@@ -236,9 +285,11 @@ class MoELayer(nn.Module):
 
         At ep > 1 this is the forward's first collective (module docstring):
         one all-gather of five integers per rank and one host read; a
-        mismatch raises on every rank. At ep 1 there is no one to agree with.
+        mismatch raises on every rank. At ep 1 there is no one to agree with;
+        a sync-free layer neither (no host read; its capacities are each
+        rank's own: moe_ep/dispatch/padded.py).
         """
-        if self.parallel.ep_size == 1:
+        if self.parallel.ep_size == 1 or self.config.sync_free:
             return [(T, n_seq)]
         mine = torch.tensor([[T, n_seq, int(self.training), COMPUTE_DTYPES.index(expert_dtype), self.forward_count]],
                             device=device)
@@ -256,8 +307,8 @@ class MoELayer(nn.Module):
         cfg = self.config
         if self.training:
             return cfg.expert_capacity_factor, cfg.device_capacity_factor
-        if cfg.eval_capacity_factor is None:
-            return None, None
+        if cfg.eval_capacity_factor is None:  # sync-free buffers are sized by a capacity: the training one
+            return (cfg.expert_capacity_factor, cfg.device_capacity_factor) if cfg.sync_free else (None, None)
         return (cfg.eval_capacity_factor if cfg.expert_capacity_factor is not None else None,
                 cfg.eval_capacity_factor if cfg.device_capacity_factor is not None else None)
 
@@ -275,7 +326,7 @@ class MoELayer(nn.Module):
             return None, None
         device = seq_id_T.device
         K = cfg.num_experts_per_tok
-        rank = self.parallel.ep_rank
+        rank = 0 if cfg.sync_free else self.parallel.ep_rank  # sync-free: the scope is this rank alone
         token_offset, seq_offset = sum(t for t, _ in scope[:rank]), sum(s for _, s in scope[:rank])
         n_tokens, n_seq_total = sum(t for t, _ in scope), sum(s for _, s in scope)
         rule = DropRule(n_tokens=n_tokens, top_k=K, n_experts=cfg.n_routed_experts, n_devices=self.n_devices,
@@ -294,10 +345,27 @@ class MoELayer(nn.Module):
         )
         return rule, keys
 
-    def _drop_index(self) -> int:
+    def _replayed_experts(self, T: int) -> Optional[torch.Tensor]:
+        """The experts ``[T, K]`` a routing replay imposes on this forward (``routing_replay``), else None.
+
+        The first forward of a checkpointed region notes them in its log and
+        its recomputation takes them from there, whether or not the replay is
+        still active by then.
+        """
+        log = self._log
+        if self._replaying:
+            log.route_cursor += 1
+            return log.routes[log.route_cursor - 1]
+        forced = None if self.routing_replay is None else self.routing_replay(T)
+        if log is not None:
+            log.routes.append(forced)
+        return forced
+
+    def _drop_index(self) -> int | torch.Tensor:
         """The protected-sequence window of this training forward: committed + pending capacity forwards.
 
-        A replay (``recomputing``) reads the index of the forward it replays from the log.
+        A replay (``recomputing``) reads the index of the forward it replays from the log. An int (one host
+        read), or a 0-d tensor in a sync-free layer.
         """
         log = self._log
         if self._replaying:
@@ -306,7 +374,9 @@ class MoELayer(nn.Module):
                                    f"checkpointed forward recorded ({len(log.drop_steps)})")
             log.cursor += 1
             return log.drop_steps[log.cursor - 1]
-        index = int(self.drop_step) + self.pending_drop_forwards
+        index = self.drop_step + self._pending_drop_forwards
+        if not self.config.sync_free:
+            index = int(index)
         if log is not None:
             log.drop_steps.append(index)
         return index
@@ -324,7 +394,7 @@ class MoELayer(nn.Module):
         """
         if self.config.aux_free_bias:
             self.router.update_bias(self.load_accum)
-        self.drop_step += self.pending_drop_forwards
+        self.drop_step += self._pending_drop_forwards
         self.discard_pending()
 
     @torch.no_grad()
@@ -335,23 +405,70 @@ class MoELayer(nn.Module):
         follows routes and protects as the skipped one did.
         """
         self.load_accum.zero_()
-        self.pending_drop_forwards = 0
+        self._pending_drop_forwards.zero_()
+
+    # -------------------------------------------------------------- placement
+    def plan(self, load_E: torch.Tensor) -> Placement:
+        """The placement ``moe_ep.eplb.plan_placement`` makes for logical loads ``load_E`` (same on every rank
+        for the same loads): ``n_routed_experts + redundant_experts`` slots over this layer's EP group, the
+        groups of ``placement_groups`` kept whole on one node."""
+        cfg, parallel = self.config, self.parallel
+        E = cfg.n_routed_experts
+        phy2log_P = plan_placement(load_E, E + cfg.redundant_experts, placement_groups(cfg, parallel.nodes),
+                                   parallel.nodes, parallel.ep_size)
+        return Placement(phy2log_P, E, parallel.ep_size, parallel.nodes)
+
+    def set_placement(self, placement: Optional[Placement], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Hold the experts in ``placement``'s slots (None: one per expert, expert e on EP rank ``e // (E / ep)``).
+
+        Collective over the EP group: the weights, and ``optimizer``'s moments of them, move to their new
+        slots by all-to-all (``moe_ep.eplb.move``); gradients are dropped (call it between steps). The
+        outputs and gradients of the logical experts do not change, only where pairs are computed.
+        """
+        if placement is not None and self.config.sync_free:
+            raise ValueError(f"MoELayer {self.name!r}: sync_free=True layers hold one slot per expert in id order; "
+                             f"a placement is not available with them")
+        if placement is not None and (placement.n_experts, placement.n_ranks, placement.n_nodes) != \
+                (self.config.n_routed_experts, self.parallel.ep_size, self.parallel.nodes):
+            raise ValueError(f"MoELayer {self.name!r}: a placement of {placement.n_experts} experts over "
+                             f"{placement.n_ranks} ranks and {placement.n_nodes} nodes does not fit this layer "
+                             f"({self.config.n_routed_experts} experts, ep {self.parallel.ep_size}, "
+                             f"{self.parallel.nodes} nodes)")
+        new_P = placement.phy2log_P if placement is not None else torch.arange(self.config.n_routed_experts)
+        move_expert_slots(self.experts, self.phy2log(), new_P, self.parallel, optimizer)
+        self.placement = placement
+        self.dispatcher = make_dispatcher(self.config.dispatcher, self.parallel, self.config.n_routed_experts,
+                                          chunks=self.config.overlap_chunks, placement=placement,
+                                          sync_free=self.config.sync_free)
+
+    def phy2log(self) -> torch.Tensor:
+        """The logical expert of every slot of the EP group, rank-major (``arange(E)`` without a placement)."""
+        return torch.arange(self.config.n_routed_experts) if self.placement is None else self.placement.phy2log_P
+
+    def local_expert_ids(self) -> torch.Tensor:
+        """The logical expert held in each of this rank's slots (the rows of ``experts.w_in``), int64."""
+        if self.placement is None:
+            return torch.arange(*self.parallel.expert_range(self.config.n_routed_experts))
+        return self.placement.local(self.parallel.ep_rank)
 
     # ------------------------------------------------------------ checkpoints
     def full_state_dict(self) -> dict:
         """Unsharded state dict with global expert indices (collective over the EP group).
 
-        Keys and shapes equal those of the single-process layer's ``state_dict()``.
+        Keys and shapes equal those of the single-process layer's ``state_dict()`` (the logical experts,
+        each read from its first slot under a placement).
         """
         out = {}
         for name, tensor in self.state_dict().items():
             if name.startswith("experts."):
                 tensor = self.parallel.all_gather_ep(tensor)
+                if self.placement is not None:
+                    tensor = tensor[self.placement.slots_EC[:, 0]]
             out[name] = tensor.detach().clone()
         return out
 
     def load_full_state_dict(self, state_dict: dict) -> None:
-        """Load an unsharded state dict; each rank keeps its own expert shard."""
-        first, last = self.parallel.expert_range(self.config.n_routed_experts)
-        local = {name: (t[first:last] if name.startswith("experts.") else t) for name, t in state_dict.items()}
+        """Load an unsharded state dict; each rank keeps the experts of its own slots."""
+        ids = self.local_expert_ids()
+        local = {name: (t[ids] if name.startswith("experts.") else t) for name, t in state_dict.items()}
         self.load_state_dict(local)

@@ -69,9 +69,10 @@ class ParameterCounts:
 def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Parameter counts of the global (unsharded) model, from any rank's shard.
 
-    A routed expert stack (``MoELayer.experts``) holds ``E / ep_size`` of the
-    layer's ``E`` experts on this rank; globally it has ``ep_size`` times its
-    local size, of which a token activates ``K / E`` (its top-K experts).
+    A routed expert stack (``MoELayer.experts``) holds this rank's slots of the
+    layer's ``E`` experts (``E / ep_size`` of them, or its placement's slots,
+    replicas included); globally it has ``E`` experts, of which a token
+    activates ``K / E`` (its top-K experts).
     Every other parameter (shared experts, routers, attention, dense FFNs,
     embeddings) is counted once and is always active, as are expert modules
     other than ``MoELayer`` (e.g. a transformers MoE block).
@@ -79,7 +80,7 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     total = activated = sum(p.numel() for p in model.parameters())
     for layer in moe_layers(model):
         shard = sum(p.numel() for p in layer.experts.parameters())
-        routed = shard * layer.parallel.ep_size
+        routed = shard // layer.experts.num_local_experts * layer.config.n_routed_experts
         total += routed - shard
         activated += routed * layer.config.num_experts_per_tok // layer.config.n_routed_experts - shard
     return ParameterCounts(total=total, activated=activated)

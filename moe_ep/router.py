@@ -12,6 +12,9 @@ config (docs/routing.md has the formulas and their sources):
     g_TK   = s.gather(idx)                   (unbiased affinities)
     g_TK  /= sum_k g_TK                      (norm_topk_prob)
     g_TK  *= routed_scaling_factor
+
+A routing replay (``moe_ep.replay``) supplies idx_TK instead of the top-K
+step; the gate values are computed from the live scores all the same.
 """
 from __future__ import annotations
 
@@ -72,22 +75,33 @@ def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, m
     return keep_TG.repeat_interleave(per_group, dim=1)
 
 
-def select_experts(logits_TE: torch.Tensor, config: MoEConfig,
-                   bias_E: Optional[torch.Tensor] = None) -> Routing:
-    """Apply the config's routing to router logits; see the module docstring."""
+@torch.no_grad()
+def choose_experts(scores_TE: torch.Tensor, config: MoEConfig, bias_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``idx_TK``: the top-K of ``c = s + b`` inside each token's allowed groups (module docstring); no gradient."""
+    choice_TE = scores_TE.detach()
+    if bias_E is not None:
+        choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
+    if config.topk_method != "greedy" and config.n_group > 1:
+        allowed_TE = group_limited_mask(choice_TE, config.n_group, config.topk_group,
+                                        config.topk_method, config.group_score_k)
+        choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+    return choice_TE.topk(config.num_experts_per_tok, dim=-1).indices
+
+
+def select_experts(logits_TE: torch.Tensor, config: MoEConfig, bias_E: Optional[torch.Tensor] = None,
+                   topk_idx_TK: Optional[torch.Tensor] = None) -> Routing:
+    """Apply the config's routing to router logits; see the module docstring.
+
+    ``topk_idx_TK`` (int64 ``[T, K]``, a routing replay: ``moe_ep.replay``): these experts instead of
+    ``choose_experts``' choice; the gate values are still ``s.gather(idx)`` of these logits, normalised and scaled as
+    configured, so the router keeps its gradient.
+    """
     if config.scoring_func == "softmax":
         scores_TE = logits_TE.softmax(dim=-1)
     else:
         scores_TE = logits_TE.sigmoid()
-    with torch.no_grad():
-        choice_TE = scores_TE.detach()
-        if bias_E is not None:
-            choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
-        if config.topk_method != "greedy" and config.n_group > 1:
-            allowed_TE = group_limited_mask(choice_TE, config.n_group, config.topk_group,
-                                            config.topk_method, config.group_score_k)
-            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
-        topk_idx_TK = choice_TE.topk(config.num_experts_per_tok, dim=-1).indices
+    if topk_idx_TK is None:
+        topk_idx_TK = choose_experts(scores_TE, config, bias_E)
     topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
     if config.norm_topk_prob:
         topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -121,14 +135,15 @@ class Router(nn.Module):
             self.e_score_correction_bias = self.e_score_correction_bias.float()
         return out
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
+    def forward(self, x_TH: torch.Tensor, topk_idx_TK: Optional[torch.Tensor] = None) -> Routing:
+        """The routing of ``x_TH``; ``topk_idx_TK``: replayed experts (``select_experts``)."""
         cfg = self.config
         x_TH = x_TH.to(cfg.torch_router_dtype)
         if self.training and cfg.router_jitter > 0:
             noise = torch.empty_like(x_TH).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
             x_TH = x_TH * noise
         logits_TE = torch.nn.functional.linear(x_TH, self.weight.to(cfg.torch_router_dtype))
-        return select_experts(logits_TE, cfg, self.e_score_correction_bias)
+        return select_experts(logits_TE, cfg, self.e_score_correction_bias, topk_idx_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

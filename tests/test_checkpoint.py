@@ -76,7 +76,7 @@ def test_shards_are_written_once_by_their_owner(source):
     root, _ = source
     folder = root / "uninterrupted" / "ckpt" / f"step_{workers.RESUME_AT:04d}"
     manifest = read_manifest(folder)
-    assert manifest["layout"] == dict(world_size=4, ep_size=4, dp_size=1)
+    assert manifest["layout"] == dict(world_size=4, ep_size=4, dp_size=1, pp_size=1)
     assert manifest["contents"] == ["model", "optimizer", "rng"]
     assert set(manifest["files"]) == {".metadata"} | {f"__{r}_0.distcp" for r in range(4)}
     metadata = read_metadata(folder)
@@ -228,7 +228,7 @@ def test_convert_to_transformers_layout(pristine, tmp_path):
     root, _, model = pristine  # the model holds the weights of step 2
     main(["convert", "--to", "hf", str(root / "step_0002"), str(tmp_path / "moe.safetensors")])
     written = load_file(tmp_path / "moe.safetensors")
-    expected = {f"model.layers.{i}.mlp.{key}": tensor for i, block in enumerate(model.layers)
+    expected = {f"model.layers.{i}.mlp.{key}": tensor for i, block in model.layers.items()
                 if isinstance(block.ffn, MoELayer) for key, tensor in to_hf_state_dict(block.ffn).items()}
     assert sorted(written) == sorted(expected)
     assert "model.layers.2.mlp.gate.e_score_correction_bias" in written  # the V3 bias travels too

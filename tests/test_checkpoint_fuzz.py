@@ -9,7 +9,9 @@ drawn with ``random.Random(SEED)`` where it is random:
 * each file (``manifest.json``, ``.metadata``, ``__0_0.distcp``): truncated at 3 lengths, bytes
   flipped at 3 sets of positions (1, 2 and 8 bytes), deleted;
 * the manifest: each file's size and hash wrong, each field and nested field removed (every field of
-  the model config, 5 drawn of its ``moe`` entry, every trajectory field, every data entry), values
+  the model config but ``ADDED_MODEL_FIELDS``, whose absence means their default, 5 drawn of its
+  ``moe`` entry but ``EXECUTION_FIELDS``, every trajectory field, every data entry, every layout entry
+  but ``ADDED_LAYOUT_FIELDS``), values
   of the wrong type, a file left out, a file listed that the DCP metadata does not name (present or
   absent), names that leave the folder (``..``, absolute, path separators, a real file outside);
 * ``.metadata`` (behind a manifest that matches it unless said otherwise): a pickle whose unpickling
@@ -43,8 +45,8 @@ import torch
 from moe_ep.checkpoint import CheckpointError
 from moe_ep.training.checkpoints import load_checkpoint, load_model
 from moe_ep.checkpoint.integrity import checksums
-from moe_ep.checkpoint.manifest import MANIFEST, METADATA
-from moe_ep.training.checkpoints import TRAJECTORY_FIELDS
+from moe_ep.checkpoint.manifest import ADDED_LAYOUT_FIELDS, MANIFEST, METADATA
+from moe_ep.training.checkpoints import ADDED_MODEL_FIELDS, EXECUTION_FIELDS, TRAJECTORY_FIELDS
 from moe_ep.checkpoint.storage import read_metadata
 from moe_ep.config import MoEConfig
 from moe_ep.models import ModelConfig
@@ -198,11 +200,13 @@ def cases(original: Path, marker: Path) -> list[Case]:
     for field in sorted(manifest):
         out.append(Case(f"remove {field}", remove(field), field))
     for key in sorted(manifest["layout"]):
-        out.append(Case(f"remove layout.{key}", remove("layout", key), f"layout.{key}"))
+        if key not in ADDED_LAYOUT_FIELDS:
+            out.append(Case(f"remove layout.{key}", remove("layout", key), f"layout.{key}"))
         out.append(Case(f"layout.{key} = 0", set_value(0, "layout", key), f"layout.{key}"))
-    for field in sorted(f.name for f in dataclasses.fields(ModelConfig)):
+    for field in sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ADDED_MODEL_FIELDS):
         out.append(Case(f"remove model_config.{field}", remove("model_config", field), field))
-    for field in rng.sample(sorted(f.name for f in dataclasses.fields(MoEConfig)), 5):
+    moe_fields = sorted(f.name for f in dataclasses.fields(MoEConfig) if f.name not in EXECUTION_FIELDS)
+    for field in rng.sample(moe_fields, 5):
         out.append(Case(f"remove model_config.moe.{field}", remove("model_config", "moe", field), field))
     for field in TRAJECTORY_FIELDS:
         out.append(Case(f"remove train_config.{field}", remove("train_config", field), f"train_config.{field}",

@@ -112,6 +112,26 @@ def test_gate_gradient_in_row_chunks(monkeypatch, backend):
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep_pre", "recompute"])
+def test_loop_backward_in_blocks_of_experts(monkeypatch, activation, recompute):
+    """The loop backend's backward one block of experts at a time (blocks of at least 5 rows here: [3, 0, 7] and
+    [2, 0, 0], an empty expert inside and at the end) equals the formula."""
+    import moe_ep.expert_backend as module
+    J = 2 * I if activation == "swiglu" else I
+    monkeypatch.setattr(module, "_BLOCK_ELEMENTS", 5 * J)
+    counts = [3, 0, 7, 2, 0, 0]
+    assert module._expert_blocks(counts, J) == [(0, 3, 0, 10), (3, 6, 10, 12)]
+    x, row, counts_E, weight, w_in, w_out = _operands(activation, seed=4, counts=counts)
+    dy = torch.randn(S, H)
+    got = _grads(lambda *a: expert_ffn(a[0], row, counts_E, *a[1:], activation, "loop", recompute),
+                 (x, weight, w_in, w_out), dy)
+    want = _grads(lambda *a: _reference(a[0], row, counts, *a[1:], activation),
+                  [t.double() for t in (x, weight, w_in, w_out)], dy.double())
+    for name, g, w in zip(("y", "x", "weight", "w_in", "w_out"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "loop"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_second_backward_through_a_retained_graph(backend, activation):

@@ -13,7 +13,7 @@ Manifest fields::
     format, format_version  "moe_ep.checkpoint", 1
     step                    optimizer updates done when it was written
     contents                which tensor groups it holds: model, optimizer, rng
-    layout                  world_size, ep_size, dp_size of the writing run
+    layout                  world_size (every rank), ep_size, dp_size, pp_size (absent: 1) of the writing run
     model_config            ModelConfig.to_dict() (its "moe" entry is the MoEConfig)
     train_config            TrainConfig.to_dict(), or null (converted weights)
     data                    BatchSampler.state_dict(step), or null
@@ -110,6 +110,10 @@ def write_manifest(folder: Path, manifest: dict, files: dict) -> Path:
     return target
 
 
+# Layout fields written since a later release; a checkpoint without one was written with this value.
+ADDED_LAYOUT_FIELDS = {"pp_size": 1}
+
+
 def _is_count(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -127,8 +131,8 @@ def _check_structure(path: Path, manifest: dict) -> None:
     need(isinstance(contents, list) and "model" in contents and set(contents) <= set(CONTENTS), "contents",
          f"must list 'model' and only {list(CONTENTS)}, got {contents!r}")
     need(isinstance(manifest["layout"], dict), "layout", "must be an object")
-    for key in ("world_size", "ep_size", "dp_size"):
-        value = manifest["layout"].get(key)
+    for key in ("world_size", "ep_size", "dp_size", *ADDED_LAYOUT_FIELDS):
+        value = manifest["layout"].get(key, ADDED_LAYOUT_FIELDS.get(key))
         need(_is_count(value, 1), f"layout.{key}", f"must be a positive int, got {value!r}")
     for field in ("model_config", "versions"):
         need(isinstance(manifest[field], dict), field, "must be an object")

@@ -8,7 +8,9 @@ caller gives (``manifest.py``). ``open_checkpoint`` checks a folder and parses
 its metadata once; ``load_weights`` reads a model's tensors back at any
 layout: another world size, EP size or data-parallel size, one process
 included. Floating-point tensors are cast to the model's dtype (a student
-saved in bf16 loads into fp32).
+saved in bf16 loads into fp32). Experts are stored in their logical layout
+(each logical expert once, in id order), whatever their placement
+(``MoEConfig.redundant_experts``, moe_ep/eplb/layout.py).
 
 What a training run saves and resumes (the step, the data position, the
 trajectory settings, the model built from its config) is the application's:
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 
+from ..eplb.layout import logical_layout
 from ..parallel.state import ParallelState
 from .folders import clear_folder, is_checkpoint_file
 from .integrity import checksums, on_every_rank, verify_files
@@ -39,20 +42,24 @@ from .tensors import MODEL, FlatState, rng_tensors
 
 
 def rank_of(parallel: ParallelState) -> int:
-    return dist.get_rank() if parallel.distributed else 0
+    """This process's global rank (every rank of every pipeline stage takes part in a checkpoint)."""
+    return dist.get_rank() if parallel.global_group is not None else 0
 
 
 def barrier_of(parallel: ParallelState) -> None:
-    if parallel.distributed:
-        dist.barrier(group=parallel.world_group)
+    if parallel.global_group is not None:
+        dist.barrier(group=parallel.global_group)
 
 
 def group_of(parallel: ParallelState) -> Optional[dist.ProcessGroup]:
-    return parallel.world_group if parallel.distributed else None
+    """The group a checkpoint is written and read by: every rank; None on one process."""
+    return parallel.global_group
 
 
 def layout_of(parallel: ParallelState) -> dict:
-    return dict(world_size=parallel.world_size, ep_size=parallel.ep_size, dp_size=parallel.dp_size)
+    """The writing run's layout; ``world_size`` counts every rank of every pipeline stage."""
+    return dict(world_size=parallel.world_size * parallel.pp_size, ep_size=parallel.ep_size,
+                dp_size=parallel.dp_size, pp_size=parallel.pp_size)
 
 
 def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fields: dict,
@@ -64,9 +71,15 @@ def write_checkpoint(folder: Path, model: nn.Module, parallel: ParallelState, fi
     but checkpoint files (a complete checkpoint or a save cut short): they
     are removed, manifest first, so it is never seen complete with mixed
     contents. Any other entry raises ``CheckpointError`` on every rank and
-    nothing is removed (``folders.clear_folder``).
+    nothing is removed (``folders.clear_folder``). Experts are written in their
+    logical layout, whatever their placement (``eplb.layout.logical_layout``).
     """
-    folder = Path(folder)
+    with logical_layout(model, optimizer):
+        return _write_logical(Path(folder), model, parallel, fields, optimizer, rng)
+
+
+def _write_logical(folder: Path, model: nn.Module, parallel: ParallelState, fields: dict,
+                   optimizer: Optional[torch.optim.Optimizer], rng: bool) -> Path:
     rank = rank_of(parallel)
     flat = FlatState(model, parallel)
     tensors = flat.model_tensors()
@@ -127,9 +140,11 @@ def open_checkpoint(folder: Path, parallel: ParallelState) -> OpenCheckpoint:
 
 
 def model_targets(flat: FlatState, saved_keys: set, folder: Path) -> dict:
+    """The model's tensors to load; every saved model tensor must be one of them, unless this rank holds a part
+    of the model (pipeline stages: the other stages' tensors are the other ranks')."""
     targets = flat.model_tensors()
     unexpected = sorted(k for k in saved_keys if k.startswith(MODEL) and k not in targets)
-    if unexpected:
+    if unexpected and flat.parallel.pp_size == 1:
         raise CheckpointError(f"{folder}: entries {unexpected[:5]} match no tensor of this model")
     return targets
 
@@ -148,8 +163,10 @@ def load_weights(folder: Path, model: nn.Module, parallel: ParallelState) -> dic
 
 
 def load_model_tensors(checkpoint: OpenCheckpoint, model: nn.Module, parallel: ParallelState) -> None:
-    flat = FlatState(model, parallel)
-    targets = model_targets(flat, set(checkpoint.metadata.state_dict_metadata), checkpoint.folder)
-    load_tensors(targets, checkpoint.folder, checkpoint.metadata, group_of(parallel))
+    """Read ``checkpoint``'s model tensors into ``model`` (in the logical layout, then back to its placements)."""
+    with logical_layout(model):
+        flat = FlatState(model, parallel)
+        targets = model_targets(flat, set(checkpoint.metadata.state_dict_metadata), checkpoint.folder)
+        load_tensors(targets, checkpoint.folder, checkpoint.metadata, group_of(parallel))
 
 

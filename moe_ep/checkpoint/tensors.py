@@ -44,12 +44,12 @@ def checkpoint_mesh(parallel: ParallelState, device_type: str) -> Optional[Devic
     """
     if not parallel.distributed:
         return None
-    coords = torch.tensor([parallel.dp_rank, parallel.ep_rank], device=device_type)
+    coords = torch.tensor([parallel.dp_rank, parallel.ep_rank, dist.get_rank()], device=device_type)
     gathered = [torch.empty_like(coords) for _ in range(parallel.world_size)]
-    dist.all_gather(gathered, coords, group=parallel.world_group)
+    dist.all_gather(gathered, coords, group=parallel.world_group)  # this pipeline stage's ranks
     grid = torch.full((parallel.dp_size, parallel.ep_size), -1, dtype=torch.long)
-    for rank, (dp_rank, ep_rank) in enumerate(t.tolist() for t in gathered):
-        grid[dp_rank, ep_rank] = rank
+    for dp_rank, ep_rank, global_rank in (t.tolist() for t in gathered):
+        grid[dp_rank, ep_rank] = global_rank
     if (grid < 0).any():
         raise CheckpointError(f"the ranks' (dp, ep) coordinates do not tile a {parallel.dp_size} x "
                               f"{parallel.ep_size} mesh: {grid.tolist()}")
@@ -105,12 +105,15 @@ class FlatState:
         its metadata (global size, dtype). Parameter-shaped fields get fresh
         local tensors of this rank's shard; scalars get scalar tensors. No
         optimizer is needed yet (``load_optimizer_state`` installs them).
+        Under pipelining the entries of other stages' parameters are skipped.
         """
         params = dict(self.model.named_parameters())
         targets, state = {}, {}
         for key, meta in saved.items():
             name, field = key[len(OPTIM):].rsplit(".", 1)
             if name not in params:
+                if self.parallel.pp_size > 1:
+                    continue  # another pipeline stage's parameter
                 raise CheckpointError(f"optimizer state {key!r} belongs to no parameter of this model")
             dtype = meta.properties.dtype
             local = torch.empty((), dtype=dtype) if len(meta.size) == 0 else torch.empty_like(params[name],

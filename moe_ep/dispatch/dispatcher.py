@@ -25,6 +25,12 @@ whatever its routing, so skewed or empty batches cannot hang.
 ``side_work`` (the shared experts) runs while the first hop's rows are in
 flight when ``overlap_shared`` (on a GPU, on a side stream: ``side_stream``),
 else after the combine; without hops it runs before the experts.
+
+With a ``placement`` (``moe_ep.eplb``: replicas, experts moved between ranks)
+the hops carry physical slot ids instead of expert ids: after step 0 (decided
+by the expert's home rank ``e // (E / ep)``, as without a placement) each kept
+pair is given one slot of its expert (``Placement.slots``), and the route
+moves it to the rank holding that slot.
 """
 from __future__ import annotations
 
@@ -36,9 +42,12 @@ import torch.distributed as dist
 
 from ..config import DISPATCHERS
 from ..dropping import DropRule, PairKeys
+from ..eplb.placement import Placement
 from ..parallel.links import LinkRoute
 from ..parallel.state import ParallelState
 from ..router import destination_hits
+from .padded import PaddedDispatcher
+from .exchange import ep_link_route
 from .rows import DispatchResult, Hop, RowPlan, apply_experts, decide_keep, open_hops, plan_rows, split_route, traffic
 
 
@@ -74,19 +83,21 @@ class Dispatcher:
 
     ``chunks`` (``MoEConfig.overlap_chunks``): split each rank's tokens into
     that many contiguous chunks after the keep decisions and pipeline them
-    (docs/dispatch.md, "Overlap"); 1 runs the route once.
+    (docs/dispatch.md, "Overlap"); 1 runs the route once. ``placement``:
+    the slots of the experts when not one per expert in id order (module
+    docstring); ``levels`` must then split its slots.
     """
 
     def __init__(self, parallel: ParallelState, n_experts: int, levels: tuple[HopLevel, ...],
-                 overlap_shared: bool = True, chunks: int = 1):
+                 overlap_shared: bool = True, chunks: int = 1, placement: Optional[Placement] = None):
         self.parallel = parallel
         self.experts_per_rank = n_experts // parallel.ep_size
+        self.placement = placement
+        self.slots_per_rank = placement.slots_per_rank if placement is not None else self.experts_per_rank
         self.levels = levels
         self.overlap_shared = overlap_shared
         self.chunks = chunks
-        D = parallel.ep_size
-        self.ep_route = LinkRoute(tuple(d // parallel.ranks_per_node == parallel.node_index for d in range(D)),
-                                  parallel.ep_rank)
+        self.ep_route = ep_link_route(parallel)
 
     @property
     def kind(self) -> str:
@@ -104,31 +115,37 @@ class Dispatcher:
             keep_TK = decide_keep(keys, rule, rank_TK.flatten(), D, parallel.ep_group, self.ep_route).view(T, K)
         else:
             keep_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
-        rows = _Rows(x_TH, topk_idx_TK, topk_weight_TK, keep_TK)
+        slot_TK, dest_TK = topk_idx_TK, rank_TK
+        if self.placement is not None:  # each kept pair to one slot of its expert
+            slot_TK = self.placement.slots(topk_idx_TK, keep_TK, parallel.ep_rank)
+            dest_TK = slot_TK // self.slots_per_rank
+        rows = _Rows(x_TH, slot_TK, topk_weight_TK, keep_TK)
         if not self.levels:
             side_out = side_work() if side_work is not None else None
             y_TH, processed = self._experts(rows, experts)
             return DispatchResult(y_TH, keep_TK, side_out, processed)
 
         y_TH, processed, hops, side_out = self._pipeline(rows, experts, side_work)
-        dest_ranks_T = destination_hits(torch.where(keep_TK, rank_TK, torch.full_like(rank_TK, D)), D).sum(1)
+        dest_ranks_T = destination_hits(torch.where(keep_TK, dest_TK, torch.full_like(dest_TK, D)), D).sum(1)
         return DispatchResult(y_TH, keep_TK, side_out, processed,
                               self._traffic(hops, x_TH.shape[1] * x_TH.element_size(), dest_ranks_T))
 
     def _pipeline(self, rows: _Rows, experts, side_work) -> tuple[torch.Tensor, torch.Tensor, list, Optional[torch.Tensor]]:
-        """The route, chunk by chunk, with the first hop of chunk i + 1 in flight while chunk i runs.
+        """The route, chunk by chunk, with the first hops of chunks i + 1.. in flight while chunk i runs.
 
         The first hop's counts of every chunk travel first, in one
-        all-to-all. Then per chunk i, in this order on every rank (so the
-        collectives match): the first hop's send of chunk i + 1 is issued, chunk i's first hop is
-        received, its inner hops (if any) are sent and received, the experts
-        run, the inner hops' combines complete, and the first hop's combine of
-        chunk i is issued; all first-hop combines are received at the end. So
-        the first hop of chunk i + 1 and the combine of chunk i - 1 are in
-        flight while chunk i is computed, and the inner hops of chunk i
-        overlap the first hop of chunk i + 1. Autograd runs the backward in
-        the mirror order. The side work runs after chunk 0 is sent (or after
-        the combines without ``overlap_shared``).
+        all-to-all; then the first hop's rows of every chunk are issued, in
+        chunk order, so the link never waits for the experts. Then per chunk
+        i, in this order on every rank (so the collectives match): chunk i's
+        first hop is received, its inner hops (if any) are sent and received,
+        the experts run, the inner hops' combines complete, and the first
+        hop's combine of chunk i is issued; all first-hop combines are
+        received at the end. So the first hops of the later chunks and the
+        combine of chunk i - 1 are in flight while chunk i is computed, and
+        the inner hops of chunk i overlap the first hops of the later chunks.
+        Autograd runs the backward in the mirror order. The side work runs
+        after the sends are issued (or after the combines without
+        ``overlap_shared``).
         """
         outer, inner = self.levels[0], self.levels[1:]
         bounds = torch.linspace(0, rows.x_SH.shape[0], self.chunks + 1).round().long().tolist()
@@ -138,13 +155,10 @@ class Dispatcher:
                                [f"hop0.chunk{i}" for i in range(self.chunks)])
         hops, backs, processed = list(outer_hops), [], []
         side_out = None
-        in_flight = outer_hops[0].send(chunk_rows[0].x_SH)
+        sent = [hop.send(r.x_SH) for hop, r in zip(outer_hops, chunk_rows)]
         if side_work is not None and self.overlap_shared:
             side_out = side_work()
-        for i, hop in enumerate(outer_hops):
-            pending = in_flight
-            if i + 1 < self.chunks:
-                in_flight = outer_hops[i + 1].send(chunk_rows[i + 1].x_SH)
+        for i, (hop, pending) in enumerate(zip(outer_hops, sent)):
             arrived = self._arrive(hop.receive(pending), rows.expert_SK.shape[1])
             stack = []
             for depth, level in enumerate(inner, start=1):
@@ -199,8 +213,7 @@ class Dispatcher:
 
 def _flat_levels(parallel: ParallelState, n_experts: int) -> tuple[HopLevel, ...]:
     D = parallel.ep_size
-    same_node = tuple(d // parallel.ranks_per_node == parallel.node_index for d in range(D))
-    return (HopLevel(parallel.ep_group, D, n_experts // D, LinkRoute(same_node, parallel.ep_rank)),)
+    return (HopLevel(parallel.ep_group, D, n_experts // D, ep_link_route(parallel)),)
 
 
 def _two_hop_levels(parallel: ParallelState, n_experts: int) -> tuple[HopLevel, ...]:
@@ -220,8 +233,13 @@ def _two_hop_levels(parallel: ParallelState, n_experts: int) -> tuple[HopLevel, 
 
 
 def make_dispatcher(choice: str, parallel: ParallelState, n_experts: int, overlap_shared: bool = True,
-                    chunks: int = 1) -> Dispatcher:
+                    chunks: int = 1, placement: Optional[Placement] = None,
+                    sync_free: bool = False) -> Dispatcher | PaddedDispatcher:
     """The dispatcher for ``MoEConfig.dispatcher`` = ``choice`` on ``parallel``.
+
+    ``sync_free`` (``MoEConfig.sync_free``): the capacity-padded ``PaddedDispatcher`` (moe_ep/dispatch/padded.py),
+    one all-to-all over the EP group whatever ``choice`` is (``MoEConfig`` refuses ``hierarchical``, chunks and
+    placements with it).
 
     One EP rank: no hop whatever the choice. Otherwise ``flat`` (one hop
     over the EP group), ``hierarchical`` (two), or ``auto``: hierarchical
@@ -229,15 +247,18 @@ def make_dispatcher(choice: str, parallel: ParallelState, n_experts: int, overla
     more than one rank on each (with one rank per node both send the same
     rows across nodes, and the second hop would only copy rows to itself)
     and the state has the node groups that ``init_expert_parallel`` builds;
-    flat otherwise. ``chunks``: ``Dispatcher``'s.
+    flat otherwise. ``chunks``, ``placement``: ``Dispatcher``'s (the hops split the placement's slots).
     """
     if choice not in DISPATCHERS:
         raise ValueError(f"make_dispatcher: unknown dispatcher {choice!r}; choose from {DISPATCHERS}")
+    if sync_free:
+        return PaddedDispatcher(parallel, n_experts, overlap_shared)
     if parallel.ep_size == 1:
-        return Dispatcher(parallel, n_experts, (), overlap_shared, chunks)
+        return Dispatcher(parallel, n_experts, (), overlap_shared, chunks, placement)
     if choice == "auto":
         has_node_groups = parallel.internode_group is not None and parallel.intranode_group is not None
         spans_nodes = parallel.nodes > 1 and parallel.ranks_per_node > 1
         choice = "hierarchical" if spans_nodes and has_node_groups else "flat"
-    levels = _two_hop_levels(parallel, n_experts) if choice == "hierarchical" else _flat_levels(parallel, n_experts)
-    return Dispatcher(parallel, n_experts, levels, overlap_shared, chunks)
+    n_slots = placement.n_slots if placement is not None else n_experts
+    levels = _two_hop_levels(parallel, n_slots) if choice == "hierarchical" else _flat_levels(parallel, n_slots)
+    return Dispatcher(parallel, n_experts, levels, overlap_shared, chunks, placement)

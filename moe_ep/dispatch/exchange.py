@@ -24,9 +24,18 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from ..parallel.links import EmulatedLinks, LinkRoute
+from ..parallel.state import ParallelState
+from ..parallel.turns import hand_over
 
 
 WAIT_LABEL = "moe_ep.a2a_wait"  # torch.profiler range of every wait for an all-to-all
+
+
+def ep_link_route(parallel: ParallelState) -> LinkRoute:
+    """The emulated-link route over ``parallel``'s EP group: EP rank d is on this rank's node when
+    ``d // ranks_per_node == node_index``; this rank is its EP rank."""
+    return LinkRoute(tuple(d // parallel.ranks_per_node == parallel.node_index for d in range(parallel.ep_size)),
+                     parallel.ep_rank)
 
 
 class InFlight:
@@ -41,7 +50,10 @@ class InFlight:
         self._work, self.out, self._emulated = work, out, emulated
 
     def wait(self) -> torch.Tensor:
+        """The output, once arrived. Under ``moe_ep.parallel.turns.taking_turns`` the other party of an
+        overlapped pair runs first, while this all-to-all moves."""
         if self._work is not None:
+            hand_over()
             with record_function(WAIT_LABEL):
                 self._work.wait()
                 self._work = None

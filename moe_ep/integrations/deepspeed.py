@@ -197,6 +197,10 @@ class DeepSpeedMoE(MoE):
         nn.Module.__init__(self)  # not MoE.__init__: that would build DeepSpeed's own gate and experts
         if not isinstance(layer, MoELayer):
             raise TypeError(f"DeepSpeedMoE wraps a moe_ep.MoELayer, got {type(layer).__name__}")
+        if layer.placement is not None:
+            raise ValueError(f"DeepSpeedMoE: MoELayer {layer.name!r} has an expert placement (redundant_experts="
+                             f"{layer.config.redundant_experts}); DeepSpeed's optimizer cannot sum replicas' "
+                             f"gradients: train it with launch/train.py")
         self.moe = layer
         self.ep_size = layer.parallel.ep_size
         self.num_experts = layer.config.n_routed_experts

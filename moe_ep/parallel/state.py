@@ -1,7 +1,12 @@
-"""Process groups of expert parallelism: world = data-parallel x expert-parallel.
+"""Process groups of expert and pipeline parallelism: world = pipeline x data-parallel x expert-parallel.
 
-The ranks form a ``DeviceMesh`` of shape ``(dp, node, local)``; ``node`` x
-``local`` flattened is ``ep``. One EP group (consecutive ranks, the D devices
+The ranks form a ``DeviceMesh`` of shape ``(pp, dp, node, local)``; ``node``
+x ``local`` flattened is ``ep``, and ``dp`` x ``ep`` of one pipeline stage
+is that stage's world (``world_group``): the ranks holding the same layers,
+over which the layers' statistics, losses and gradients are reduced. Every
+pipeline stage has the same (dp, ep) layout; ``pp_group`` links the ranks of
+one (dp, ep) coordinate, one per stage, in stage order. Global rank
+``g = pp_rank * dp * ep + dp_rank * ep + ep_rank``. One EP group (consecutive ranks, the D devices
 of the papers) spans ``nodes`` nodes of ``ep / nodes`` ranks each: EP rank
 ``r`` sits on node ``r // local`` with local index ``r % local``. One ``dp``
 column is an expert-data-parallel group (ranks holding the same expert
@@ -31,7 +36,10 @@ class ParallelState:
 
     ep_group: the expert-parallel group (``ep_size`` ranks).
     edp_group: the expert-data-parallel group (``dp_size`` ranks, same shard).
-    world_group: every rank (``dp_size * ep_size``).
+    world_group: every rank of this pipeline stage (``dp_size * ep_size``;
+        every rank when ``pp_size`` is 1).
+    pp_size, pp_rank, pp_group: the pipeline stages and this rank's (one rank
+        per stage of this (dp, ep) coordinate; None without pipelining).
     nodes: nodes one EP group spans (node-limited routing groups).
     internode_group: the ``nodes`` ranks of this EP group with this rank's
         local index, one per node (None when not built from the mesh).
@@ -49,14 +57,29 @@ class ParallelState:
     internode_group: Optional[dist.ProcessGroup] = None
     intranode_group: Optional[dist.ProcessGroup] = None
     mesh: Optional[object] = None
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Optional[dist.ProcessGroup] = None
 
     @property
     def world_size(self) -> int:
+        """Ranks of this pipeline stage (``dp_size * ep_size``): the data sources of one layer."""
         return self.ep_size * self.dp_size
 
     @property
     def distributed(self) -> bool:
+        """More than one rank holds this stage's layers (their forwards and gradients are collective)."""
         return self.world_size > 1
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data shard among the ``world_size`` of its stage (every stage reads the same shards)."""
+        return self.dp_rank * self.ep_size + self.ep_rank
+
+    @property
+    def global_group(self) -> Optional[dist.ProcessGroup]:
+        """Every rank of every stage (checkpoints, run-wide agreement); None on one process."""
+        return dist.group.WORLD if dist.is_initialized() else None
 
     @property
     def is_rank0(self) -> bool:
@@ -148,28 +171,35 @@ def nodes_spanned(global_ranks: list[int], ranks_per_node: int) -> int:
 
 
 def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = None,
-                         timeout: Timeout = DEFAULT_TIMEOUT) -> ParallelState:
-    """Build the (dp, node, local) mesh (``ep`` = node x local) on the default process group.
+                         timeout: Timeout = DEFAULT_TIMEOUT, pp_size: int = 1) -> ParallelState:
+    """Build the (pp, dp, node, local) mesh (``ep`` = node x local) on the default process group.
 
     Initialises the default group from the torchrun environment when absent
-    (NCCL with CUDA, gloo without). ``ep_size`` defaults to the world size.
+    (NCCL with CUDA, gloo without). ``pp_size``: pipeline stages (must divide
+    the world size); ``ep_size`` defaults to the world size / ``pp_size``.
     ``nodes`` (nodes spanned by one EP group, for node-limited routing)
     defaults to ``ep_size / LOCAL_WORLD_SIZE`` when the EP group is larger
     than one node, else 1; pass it to emulate nodes on one machine.
     ``timeout`` (a ``timedelta`` or seconds) bounds every later collective
     of the default group and of the mesh's groups (moe_ep/parallel/timeout.py).
-    Every rank must pass the same ``ep_size`` and ``nodes``: they are compared
-    first (one small all-gather) and a mismatch raises ``ValueError`` on every rank.
+    Every rank must pass the same ``ep_size``, ``nodes`` and ``pp_size``: they
+    are compared first (one small all-gather) and a mismatch raises
+    ``ValueError`` on every rank.
     """
     timeout = as_timedelta(timeout)
     if not dist.is_initialized():
         dist.init_process_group(backend=_default_backend(), timeout=timeout)
     set_collective_timeout(timeout, dist.group.WORLD)
-    world = dist.get_world_size()
+    total = dist.get_world_size()
+    check_same_on_ranks("init_expert_parallel", dict(world_size=total, ep_size=ep_size, nodes=nodes,
+                                                     pp_size=pp_size))
+    if not isinstance(pp_size, int) or pp_size < 1 or total % pp_size:
+        raise ValueError(f"init_expert_parallel: pp_size={pp_size} does not divide the world size {total}")
+    world = total // pp_size  # ranks of one stage
     ep_size = world if ep_size is None else ep_size
-    check_same_on_ranks("init_expert_parallel", dict(world_size=world, ep_size=ep_size, nodes=nodes))
     if ep_size < 1 or world % ep_size != 0:
-        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the world size {world}")
+        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the {world} ranks of a "
+                         f"pipeline stage (world size {total} / pp_size {pp_size})")
     if nodes is None:
         nodes = nodes_per_ep_group(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if nodes < 1 or ep_size % nodes != 0:
@@ -178,11 +208,20 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
 
     device_type = "cuda" if _default_backend() == "nccl" else "cpu"
     dp_size = world // ep_size
-    mesh = init_device_mesh(device_type, (dp_size, nodes, ep_size // nodes), mesh_dim_names=("dp", "node", "local"))
+    mesh = init_device_mesh(device_type, (pp_size, dp_size, nodes, ep_size // nodes),
+                            mesh_dim_names=("pp", "dp", "node", "local"))
     mesh["node", "local"]._flatten("ep")
-    set_collective_timeout(timeout, *(mesh.get_group(name) for name in ("ep", "dp", "node", "local")))
+    names = ["ep", "dp", "node", "local"]
+    if pp_size > 1:
+        mesh["dp", "node", "local"]._flatten("stage")
+        names += ["pp", "stage"]
+    set_collective_timeout(timeout, *(mesh.get_group(name) for name in names))
     rank = dist.get_rank()
-    return ParallelState(ep_size=ep_size, ep_rank=rank % ep_size, dp_size=dp_size, dp_rank=rank // ep_size,
-                         nodes=nodes, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),
-                         world_group=dist.group.WORLD, internode_group=mesh.get_group("node"),
-                         intranode_group=mesh.get_group("local"), mesh=mesh)
+    stage_rank = rank % world
+    return ParallelState(ep_size=ep_size, ep_rank=stage_rank % ep_size, dp_size=dp_size,
+                         dp_rank=stage_rank // ep_size, nodes=nodes, ep_group=mesh.get_group("ep"),
+                         edp_group=mesh.get_group("dp"),
+                         world_group=mesh.get_group("stage") if pp_size > 1 else dist.group.WORLD,
+                         internode_group=mesh.get_group("node"), intranode_group=mesh.get_group("local"),
+                         mesh=mesh, pp_size=pp_size, pp_rank=rank // world,
+                         pp_group=mesh.get_group("pp") if pp_size > 1 else None)
