@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a moe_ep checkpoint (launch/train.py's, any layout): weights, V3 bias, step "
                         "and data position; AdamW moments too when DeepSpeed runs torch's AdamW on the model's "
                         "parameters (ZeRO stage 0), else they restart from zero")
+    p.add_argument("--pp-size", type=int, default=1, help="pipeline parallelism is launch/train.py's; only 1 here")
     return deepspeed.add_config_arguments(p)
 
 
@@ -70,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.init_from:
         p.error("argument --init-from: excludes --resume (--resume continues DeepSpeed's checkpoints, --init-from "
                 "a moe_ep checkpoint)")
+    if args.pp_size != 1:
+        p.error("argument --pp-size: pipeline parallelism runs under launch/train.py (torch.distributed.pipelining), "
+                "not DeepSpeed's engine; see docs/pipeline.md and docs/deepspeed.md")
+    if args.mtp_depth:
+        p.error("argument --mtp-depth: multi-token prediction runs under launch/train.py; launch/ds_train.py does not "
+                "train MTP modules")
     model = check_model_arguments(p, args)
     with blame(p, "--deepspeed_config"):
         ds_config = read_ds_config(args.deepspeed_config)

@@ -23,7 +23,7 @@ router, dispatch (its all-to-alls again) and experts.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -32,25 +32,34 @@ from .layer import MoELayer, ReplayLog
 from .model_moe import moe_layers
 
 
-@contextlib.contextmanager
-def _each(contexts: list[ContextManager]):
-    with contextlib.ExitStack() as stack:
-        for context in contexts:
+class _Each:
+    """Enters the contexts ``make()`` returns, anew each time it is entered: a recomputation can run more than
+    once (zero-bubble pipeline schedules back-propagate a stage twice, for its inputs and then its weights)."""
+
+    def __init__(self, make: Callable[[], list[ContextManager]]):
+        self._make, self._open = make, []
+
+    def __enter__(self) -> None:
+        stack = contextlib.ExitStack()
+        for context in self._make():
             stack.enter_context(context)
-        yield
+        self._open.append(stack)
+
+    def __exit__(self, *exc) -> bool:
+        return self._open.pop().__exit__(*exc)
 
 
 def checkpoint_kwargs(layers: list[MoELayer]) -> dict:
     """Keyword arguments of ``torch.utils.checkpoint.checkpoint`` for a region holding ``layers``.
 
     Non-reentrant; ``context_fn``: every layer ``recording`` in the forward
-    and ``recomputing`` in the recomputation, with one new ``ReplayLog`` per
+    and ``recomputing`` in each recomputation, with one new ``ReplayLog`` per
     layer and call; no early stop (module docstring).
     """
     def context_fn() -> tuple[ContextManager, ContextManager]:
         logs = [ReplayLog() for _ in layers]
-        return (_each([layer.recording(log) for layer, log in zip(layers, logs)]),
-                _each([layer.recomputing(log) for layer, log in zip(layers, logs)]))
+        return (_Each(lambda: [layer.recording(log) for layer, log in zip(layers, logs)]),
+                _Each(lambda: [layer.recomputing(log) for layer, log in zip(layers, logs)]))
 
     return dict(use_reentrant=False, context_fn=context_fn, early_stop=False)
 

@@ -272,7 +272,7 @@ def test_teacher_and_student_dtypes():
     d = _distiller(small(), small("tiny-dense", hidden_size=16, n_heads=1), teacher_dtype="bfloat16",
                    student_dtype=torch.bfloat16)
     assert {p.dtype for p in d.teacher.parameters()} == {p.dtype for p in d.student.parameters()} == {torch.bfloat16}
-    assert d.teacher.layers[0].attn.rope.cos_SD.dtype == torch.float32  # buffers keep their precision
+    assert d.teacher.layers["0"].attn.rope.cos_SD.dtype == torch.float32  # buffers keep their precision
     batch = ids()
     parts = d.optimize(batch[:, :-1], labels=batch[:, 1:]).parts
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())

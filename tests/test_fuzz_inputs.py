@@ -151,8 +151,8 @@ MOE_CANDIDATES = ["x", "nosuch=1", "hidden_size=abc", "hidden_size=7", "n_routed
 # path that does not exist yet)
 VALID_FLAG_VALUES = {("--warmup", "0"), ("--ckpt-every", "0"), ("--seed", "0"), ("--min-lr-ratio", "0"),
                      ("--weight-decay", "0"), ("--grad-clip", "0"), ("--alpha", "0"), ("--hidden-weight", "0"),
-                     ("--attention-weight", "0"), ("--relation-weight", "0"), ("--data", "FILE"),
-                     ("--out", "MISSING")}
+                     ("--attention-weight", "0"), ("--relation-weight", "0"), ("--eplb-interval", "0"),
+                     ("--mtp-depth", "0"), ("--mtp-weight", "0"), ("--data", "FILE"), ("--out", "MISSING")}
 
 
 def _load_launcher(name: str, monkeypatch):
@@ -175,7 +175,7 @@ def _candidates(action) -> list:
     if action.dest == "moe":
         return MOE_CANDIDATES
     kind = getattr(action.type, "__name__", "str")
-    if kind in ("int", "positive_int"):
+    if kind in ("int", "positive_int", "non_negative_int"):
         return ["x", "1.5", "-1", "0"]
     if kind in ("float", "finite_float"):
         return ["x", "nan", "inf", "-1", "0"]

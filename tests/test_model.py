@@ -59,7 +59,7 @@ def test_aux_loss_is_the_sum_of_moe_layers_and_has_gradient():
 @pytest.mark.parametrize("first_k_dense", [0, 1, 2, 3])
 def test_first_k_blocks_are_dense(first_k_dense):
     model = MoETransformerLM(small(n_layers=3, first_k_dense=first_k_dense))
-    kinds = [type(block.ffn) for block in model.layers]
+    kinds = [type(block.ffn) for block in model.layers.values()]
     assert kinds == [DenseFFN] * first_k_dense + [MoELayer] * (3 - first_k_dense)
     assert len(moe_layers(model)) == 3 - first_k_dense
 

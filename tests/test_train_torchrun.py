@@ -119,7 +119,7 @@ def test_metrics_plots_and_checkpoints(trained_run):
         assert (trained_run / name).stat().st_size > 10_000
     for step in (HALF, STEPS):
         manifest = read_manifest(trained_run / "ckpt" / f"step_{step:04d}")
-        assert manifest["step"] == step and manifest["layout"] == dict(world_size=2, ep_size=2, dp_size=1)
+        assert manifest["step"] == step and manifest["layout"] == dict(world_size=2, ep_size=2, dp_size=1, pp_size=1)
         assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 

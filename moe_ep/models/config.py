@@ -41,6 +41,8 @@ class ModelConfig:
     tie_embeddings: share the input embedding with the output projection.
     norm_eps: RMSNorm epsilon.
     moe: configuration of every MoE layer.
+    mtp_depth: DeepSeek-V3's multi-token prediction modules after the model (0: none;
+        ``moe_ep.models.mtp``); the model's function (its logits) does not depend on them.
     """
 
     vocab_size: int = 256
@@ -54,6 +56,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp_depth: int = 0
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -63,6 +66,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "dense_intermediate_size", "max_seq_len"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
+        need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
+             f"must be a non-negative int, got {self.mtp_depth!r}")
         need(0 <= self.first_k_dense <= self.n_layers, "first_k_dense",
              f"must lie in [0, n_layers={self.n_layers}], got {self.first_k_dense}")
         need(self.hidden_size % self.n_heads == 0, "n_heads",
@@ -74,6 +79,11 @@ class ModelConfig:
     @property
     def n_moe_layers(self) -> int:
         return self.n_layers - self.first_k_dense
+
+    @property
+    def last_stage_embeds(self) -> bool:
+        """Whether the output end of the model uses the embedding (tied head, or the MTP modules' inputs)."""
+        return self.tie_embeddings or self.mtp_depth > 0
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed."""

@@ -9,12 +9,14 @@ size, EP size or data-parallel size, one process included.
 What a resume at another layout restores, and what it checks:
 
 * weights, buffers (V3 bias, drop step) and AdamW state: bitwise, each rank
-  reading its own rows of the expert stacks;
+  reading its own rows of the expert stacks (stored in their logical layout:
+  a run with redundant experts resumes without them and the other way round,
+  ``EXECUTION_FIELDS``);
 * the step and the data position: the global batch of step ``s`` depends
   only on (seed, s, global batch size), so ``--batch-size`` must be scaled so
   that ``batch_size * world_size`` equals the checkpoint's (checked);
-* the model config and the trajectory fields of ``TrainConfig``
-  (``TRAJECTORY_FIELDS``) must equal the checkpoint's;
+* the model config but for ``EXECUTION_FIELDS``, and the trajectory fields
+  of ``TrainConfig`` (``TRAJECTORY_FIELDS``) must equal the checkpoint's;
 * dtypes: floating-point tensors are cast to the model's (a student saved in
   bf16 resumes in fp32, ``load_model`` builds fp32 and the distiller casts);
 * RNG: at the same world size every rank gets back its own generator state,
@@ -44,6 +46,7 @@ from ..checkpoint.storage import load_tensors
 from ..checkpoint.tensors import OPTIM, FlatState, restore_rng, rng_tensors
 from ..config import MoEConfig
 from ..data import BatchSampler
+from ..eplb.layout import logical_layout
 from ..models import ModelConfig, MoETransformerLM
 from ..parallel.state import ParallelState
 from .config import TrainConfig
@@ -52,6 +55,23 @@ from .config import TrainConfig
 # values. The per-rank batch_size is not among them: the global batch is checked with the data position.
 TRAJECTORY_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seq_len",
                      "seed")
+# The MoEConfig fields of where and how experts are computed, which shape no stored tensor: checkpoints store the
+# logical expert layout whatever they are, so a run may resume with other values, and a checkpoint written before
+# they existed lacks them (their defaults, the behaviour of such a writer, apply).
+EXECUTION_FIELDS = ("redundant_experts", "sync_free")
+# The ModelConfig fields added after checkpoints existed, with the value a checkpoint without them means (the model
+# of such a writer): no MTP modules.
+ADDED_MODEL_FIELDS = {"mtp_depth": 0}
+
+
+def _comparable(config: dict) -> dict:
+    """A ``ModelConfig.to_dict()`` without the ``EXECUTION_FIELDS`` of its ``moe`` entry, ``ADDED_MODEL_FIELDS``
+    filled in where absent."""
+    config = {**ADDED_MODEL_FIELDS, **config}
+    moe = config.get("moe")
+    if not isinstance(moe, dict):
+        return config
+    return {**config, "moe": {k: v for k, v in moe.items() if k not in EXECUTION_FIELDS}}
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -84,7 +104,9 @@ def model_config_from(values, where: str) -> ModelConfig:
     """``ModelConfig.from_dict(values)``, else ``CheckpointError`` naming ``where`` and the field at fault.
 
     Every field of ``ModelConfig`` and of its ``moe`` entry must be present
-    (a default would silently stand in for the writer's value) and no other;
+    (a default would silently stand in for the writer's value; not for
+    ``EXECUTION_FIELDS``, which shape no stored tensor, nor for
+    ``ADDED_MODEL_FIELDS``, whose absence means their default) and no other;
     the values must pass their validation.
     """
     moe = values.get("moe") if isinstance(values, dict) else None
@@ -92,7 +114,8 @@ def model_config_from(values, where: str) -> ModelConfig:
         if not isinstance(given, dict):
             raise CheckpointError(f"{where}: field {prefix} is missing or not an object")
         names = {f.name for f in dataclasses.fields(cls)}
-        for what, odd in (("missing", names - set(given)), ("unknown", set(given) - names)):
+        optional = set(EXECUTION_FIELDS) if cls is MoEConfig else set(ADDED_MODEL_FIELDS)
+        for what, odd in (("missing", names - set(given) - optional), ("unknown", set(given) - names)):
             if odd:
                 raise CheckpointError(f"{where}: field {prefix}.{sorted(odd)[0]} is {what}")
     try:
@@ -132,8 +155,10 @@ class RestoredState:
     flat: FlatState
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Install the saved state into ``optimizer`` (over the model's own parameters, any param groups)."""
-        self.flat.load_optimizer_state(optimizer, self.optimizer_state)
+        """Install the saved state into ``optimizer`` (over the model's own parameters, any param groups), the
+        experts' moments moved to the model's placements (collective when there are some)."""
+        with logical_layout(self.flat.model, optimizer):
+            self.flat.load_optimizer_state(optimizer, self.optimizer_state)
 
 
 def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler, parallel: ParallelState,
@@ -146,7 +171,7 @@ def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler
     """
     checkpoint = open_checkpoint(folder, parallel)
     folder, manifest = checkpoint.folder, checkpoint.manifest
-    diff = _differences(manifest["model_config"], _as_json(model.config.to_dict()))
+    diff = _differences(_comparable(manifest["model_config"]), _comparable(_as_json(model.config.to_dict())))
     if diff:
         raise CheckpointError(f"{folder / MANIFEST}: the model config differs from this run's: " + "; ".join(diff))
     if "optimizer" not in manifest["contents"] or manifest["train_config"] is None or manifest["data"] is None:
@@ -167,14 +192,16 @@ def restore_training_state(folder: Path, model: nn.Module, sampler: BatchSampler
         raise CheckpointError(f"{folder / MANIFEST}: {exc}") from exc
 
     rank = rank_of(parallel)
-    flat = FlatState(model, parallel)
     saved = checkpoint.metadata.state_dict_metadata
-    targets = model_targets(flat, set(saved), folder)
-    optim_targets, optim_state = flat.optimizer_targets({k: m for k, m in saved.items() if k.startswith(OPTIM)})
-    same_world = manifest["layout"]["world_size"] == parallel.world_size
+    same_world = manifest["layout"]["world_size"] == parallel.world_size * parallel.pp_size \
+        and manifest["layout"].get("pp_size", 1) == parallel.pp_size
     rng = {k: torch.empty_like(v) for k, v in rng_tensors(rank).items()
            if k in saved} if same_world and "rng" in manifest["contents"] else {}
-    load_tensors({**targets, **optim_targets, **rng}, folder, checkpoint.metadata, group_of(parallel))
+    with logical_layout(model):  # the stored layout; the optimizer state is read in it too (load_optimizer)
+        flat = FlatState(model, parallel)
+        targets = model_targets(flat, set(saved), folder)
+        optim_targets, optim_state = flat.optimizer_targets({k: m for k, m in saved.items() if k.startswith(OPTIM)})
+        load_tensors({**targets, **optim_targets, **rng}, folder, checkpoint.metadata, group_of(parallel))
     if rng:
         restore_rng(rng, rank)
     else:

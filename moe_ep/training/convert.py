@@ -57,7 +57,7 @@ _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt
 
 
 def _moe_blocks(model: MoETransformerLM) -> list[tuple[int, MoELayer]]:
-    return [(i, block.ffn) for i, block in enumerate(model.layers) if isinstance(block.ffn, MoELayer)]
+    return [(int(i), block.ffn) for i, block in model.layers.items() if isinstance(block.ffn, MoELayer)]
 
 
 def _read(path: Path) -> dict:

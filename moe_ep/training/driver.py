@@ -10,7 +10,7 @@ every rank, at ``step`` = updates done (``start`` ... ``cfg.steps``):
 
     record       step > start and (step % log_every == 0 or last): the interval's metrics (metrics.py),
                  written to metrics.jsonl and, with ``tensorboard``, to TensorBoard (rank 0)
-    validation   step == start, step % val_every == 0, or last: mean cross-entropy of ``trainer.model``
+    validation   step == start, step % val_every == 0, or last: ``trainer.evaluate``, the mean cross-entropy
                  over every rank's validation batches, under the trainer's precision; at ``start`` also
                  ``trainer.first_validation`` (the distillation teacher's loss)
     checkpoint   ckpt_every > 0, step > start and (step % ckpt_every == 0 or last): ``trainer.save``
@@ -69,6 +69,15 @@ class Trainer(abc.ABC):
         """Extra fields of the run's first validation record (collective)."""
         return {}
 
+    def evaluate(self, val_batches: list[torch.Tensor], parallel: ParallelState) -> float:
+        """Mean validation cross-entropy of ``model`` over every rank's batches (collective; ``evaluate``)."""
+        return evaluate(self.model, val_batches, parallel, self.precision)
+
+    def moe_shape(self) -> tuple[int, int]:
+        """(MoE layers, routed experts per layer) of the whole model, for the metrics."""
+        layers = moe_layers(self.model)
+        return len(layers), layers[0].config.n_routed_experts if layers else 0
+
 
 @dataclass
 class RunResult:
@@ -111,9 +120,7 @@ def run(trainer: Trainer, sampler: BatchSampler, parallel: ParallelState, cfg: T
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=is_rank0, start_step=start)
     board = TensorBoardLog(out_dir / "tensorboard", enabled=is_rank0 and tensorboard, start_step=start)
     val_batches = [b.to(device) for b in sampler.val_batches(cfg.val_batches)]
-    moe = moe_layers(trainer.model)
-    meter = IntervalMeter(len(moe), moe[0].config.n_routed_experts if moe else 0,
-                          cfg.batch_size * cfg.seq_len * parallel.world_size, device)
+    meter = IntervalMeter(*trainer.moe_shape(), cfg.batch_size * cfg.seq_len * parallel.world_size, device)
     bar = ProgressBar(cfg.steps, start, enabled=is_rank0)
     result = RunResult(val_losses={})
     trainer.model.train()
@@ -126,8 +133,7 @@ def run(trainer: Trainer, sampler: BatchSampler, parallel: ParallelState, cfg: T
             result.first_record = trainer.first_validation(val_batches, parallel)
             record.update(result.first_record)
         if step == start or step % cfg.val_every == 0 or last:
-            result.val_losses[step] = record["val_loss"] = evaluate(trainer.model, val_batches, parallel,
-                                                                    trainer.precision)
+            result.val_losses[step] = record["val_loss"] = trainer.evaluate(val_batches, parallel)
         if record:
             log.write(dict(step=step, **record))
             board.write(dict(step=step, **record))

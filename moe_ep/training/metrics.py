@@ -23,9 +23,16 @@ optimizer updates:
                   (DeepSpeed's loss scaler; 0 otherwise)
     lr            learning rate of the interval's last update
     expert_load   per MoE layer, each expert's share of the interval's routed pairs
+    eplb          (``--eplb-interval`` runs, records whose interval re-placed the
+                  experts) each re-placement's ``{"step", "before", "after"}``:
+                  per MoE layer, max/mean per-rank load of the loads it planned
+                  from, under the placement before and after it
+                  (moe_ep/eplb/balancer.py)
     <name>_loss   the interval mean of every other loss part a trainer reports
                   (``StepResult.parts``; distillation: distill_loss, hidden_loss,
-                  attention_loss, relation_loss, total_loss), over every rank
+                  attention_loss, relation_loss, total_loss; multi-token prediction:
+                  mtp_loss = lambda / D * sum_k CE_k and each depth's CE
+                  mtp_<k>_loss, moe_ep/training/mtp.py), over every rank
     val_loss      validation cross-entropy (validation steps only)
 
 A step is one optimizer step whatever its number of micro-batches: losses
@@ -61,6 +68,7 @@ class IntervalMeter:
         f64 = dict(dtype=torch.float64, device=self.device)
         self.sums = torch.zeros(7, **f64)  # loss, aux, grad_norm, routed, processed, dropped, max_vio
         self.part_sums: dict[str, torch.Tensor] = {}
+        self.eplb: list[dict] = []
         self.load_LE = torch.zeros(self.shape, **f64)
         self.steps = 0
         self.skipped = 0
@@ -90,6 +98,8 @@ class IntervalMeter:
         self.sums += torch.stack([result.ce.double(), result.aux.double(), grad_norm, *pairs, max_vio])
         for name, value in result.parts.items():
             self.part_sums[name] = self.part_sums.get(name, zero) + value.double()
+        if result.eplb is not None:
+            self.eplb.append(result.eplb)
         self.steps += 1
         self.skipped += not result.applied
         self.lr = result.lr
@@ -118,6 +128,8 @@ class IntervalMeter:
                       lr=self.lr, routed_pairs=int(routed), processed_pairs=int(processed), dropped_pairs=int(dropped),
                       expert_load=[[round(v, 5) for v in row] for row in share_LE.tolist()],
                       **{f"{name}_loss": value / n for name, value in zip(names, local[1:])})
+        if self.eplb:
+            record["eplb"] = self.eplb
         self.reset()
         return record
 

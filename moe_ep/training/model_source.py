@@ -2,10 +2,14 @@
 
 Both launchers (launch/train.py, launch/ds_train.py) call ``build_model`` with
 their parsed arguments; it reads ``hf_model``, ``preset``, ``moe`` (the
-``--moe FIELD=VALUE`` overrides), ``data``, ``max_data_bytes`` and ``save_hf``.
+``--moe FIELD=VALUE`` overrides), ``mtp_depth``, ``data``, ``max_data_bytes`` and ``save_hf``.
 
-* Preset: ``MoETransformerLM(ModelConfig.preset(preset) with the overrides)``
+* Preset: ``MoETransformerLM(ModelConfig.preset(preset) with the overrides and ``mtp_depth``)``
   on the byte corpus of ``moe_ep.data.load_corpus``.
+* ``--upcycle-from DENSE_CKPT`` (launch/train.py; ``upcycle_from``,
+  ``upcycle``, ``first_k_dense``): the checkpoint's dense model made MoE by
+  ``moe_ep.models.upcycle`` (its own config, the ``--moe`` overrides for the
+  MoE fields), on the byte corpus.
 * ``--hf-model DIR``: ``moe_ep.hf_model.load_causal_lm(DIR, parallel, **overrides)``
   in fp32 (the trainers keep fp32 weights): ``from_pretrained``, KV cache off,
   made expert-parallel on the CPU (only this rank's experts reach the
@@ -20,15 +24,20 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointError, find_checkpoint, read_manifest
+from ..checkpoint.manifest import MANIFEST
 from ..data import VOCAB_SIZE, Corpus, load_corpus, tokenize_corpus
 from ..hf_model import load_causal_lm, save_pretrained
 from ..models import ModelConfig, MoETransformerLM
+from ..models.upcycle import upcycle, upcycled_config
 from ..parallel.state import ParallelState
+from .checkpoints import load_model, model_config_from
 from .config import TrainConfig, parse_field_overrides
 
 
@@ -43,21 +52,51 @@ class ModelSource:
 
 
 def default_seq_len(args: argparse.Namespace) -> int:
-    """The preset's ``max_seq_len``; ``TrainConfig``'s default for a transformers model."""
+    """The preset's (or upcycled checkpoint's) ``max_seq_len``; ``TrainConfig``'s default for a transformers model."""
+    if getattr(args, "upcycle_from", None):
+        return dense_checkpoint(args.upcycle_from)[1].max_seq_len
     return TrainConfig.seq_len if args.hf_model else ModelConfig.preset(args.preset).max_seq_len
 
 
-def preset_config(preset: str, moe_flags: list[str]) -> ModelConfig:
-    """``ModelConfig.preset(preset)`` with the ``--moe FIELD=VALUE`` overrides applied to its MoE config."""
+def dense_checkpoint(path: str) -> tuple[Path, ModelConfig]:
+    """The checkpoint at or under ``path`` (``--upcycle-from``: a checkpoint or a run folder) and its model's config.
+
+    ``CheckpointError`` naming the folder or field when there is none or its manifest does not read.
+    """
+    folder = find_checkpoint(Path(path))
+    if folder is None:
+        raise CheckpointError(f"{path} is neither a complete checkpoint ({MANIFEST}) nor a run folder with one "
+                              f"under ckpt/")
+    return folder, model_config_from(read_manifest(folder)["model_config"], str(folder / MANIFEST))
+
+
+def upcycle_segments(args: argparse.Namespace) -> Optional[int]:
+    """``--upcycle``'s m: None for ``coarse`` (the default), m for ``fine m``."""
+    return (args.upcycle or ("coarse", None))[1]
+
+
+def upcycled_model(args: argparse.Namespace, parallel: ParallelState, seed: int) -> MoETransformerLM:
+    """``--upcycle-from``'s dense model made MoE (``moe_ep.models.upcycle``; ``seed`` draws the routers), on the CPU.
+
+    The flags were checked by ``cli.check_upcycle_arguments``. Collective (loading the checkpoint).
+    """
+    folder, dense_config = dense_checkpoint(args.upcycle_from)
+    config = upcycled_config(dense_config, upcycle_segments(args), args.first_k_dense, parse_field_overrides(args.moe))
+    return upcycle(load_model(folder, parallel), config, parallel, seed)
+
+
+def preset_config(preset: str, moe_flags: list[str], mtp_depth: int = 0) -> ModelConfig:
+    """``ModelConfig.preset(preset)`` with the ``--moe FIELD=VALUE`` overrides applied to its MoE config and
+    ``mtp_depth`` MTP modules (``--mtp-depth``)."""
     base = ModelConfig.preset(preset)
-    return base.replace(moe=base.moe.replace(**parse_field_overrides(moe_flags)))
+    return base.replace(moe=base.moe.replace(**parse_field_overrides(moe_flags)), mtp_depth=mtp_depth)
 
 
 def run_record(model_info: dict, cfg: TrainConfig, parallel: ParallelState, device: torch.device, corpus: Corpus,
                **extra: Any) -> dict:
     """A launcher's ``run.json``: the model, the training config, the layout, the device, the corpus, ``extra``."""
-    return dict(model=model_info, train=cfg.to_dict(), world_size=parallel.world_size, ep_size=parallel.ep_size,
-                dp_size=parallel.dp_size, device=str(device),
+    return dict(model=model_info, train=cfg.to_dict(), world_size=parallel.world_size * parallel.pp_size,
+                pp_size=parallel.pp_size, ep_size=parallel.ep_size, dp_size=parallel.dp_size, device=str(device),
                 data=dict(source=corpus.source, train_tokens=corpus.train.numel(), val_tokens=corpus.val.numel(),
                           fingerprint=corpus.fingerprint), **extra)
 
@@ -67,9 +106,10 @@ def build_model(args: argparse.Namespace, parallel: ParallelState, device: torch
     if args.save_hf and not args.hf_model:
         raise SystemExit("--save-hf needs --hf-model (a preset model is not a transformers model)")
     if not args.hf_model:
-        config = preset_config(args.preset, args.moe)
-        model = MoETransformerLM(config, parallel, seed=seed).to(device)
-        return ModelSource(model, load_corpus(args.data, max_bytes=args.max_data_bytes), None, config.to_dict())
+        model = upcycled_model(args, parallel, seed) if getattr(args, "upcycle_from", None) else \
+            MoETransformerLM(preset_config(args.preset, args.moe, args.mtp_depth), parallel, seed=seed)
+        return ModelSource(model.to(device), load_corpus(args.data, max_bytes=args.max_data_bytes), None,
+                           model.config.to_dict())
     overrides = parse_field_overrides(args.moe)
     model = load_causal_lm(args.hf_model, parallel, **overrides).to(device)
     corpus, tokenizer = hf_corpus(args.hf_model, model.config.vocab_size, args.data, args.max_data_bytes)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..model_moe import moe_layers, total_aux_loss
 from .config import PRECISIONS
+from .mtp import DEFAULT_MTP_WEIGHT, add_mtp, mtp_depth
 
 LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -49,7 +50,8 @@ class StepResult:
     grad_norm: global norm before clipping (NaN when not measured);
     stats: each micro-batch's list of MoE ``last_stats`` (depth order);
     lr: the learning rate of the update; applied: False when the optimizer
-        skipped the step (fp16 overflow).
+        skipped the step (fp16 overflow); eplb: what an expert re-placement
+        after the step measured (``moe_ep.eplb.balancer``), None without one.
     """
 
     ce: torch.Tensor
@@ -59,6 +61,7 @@ class StepResult:
     lr: float = math.nan
     applied: bool = True
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    eplb: Optional[dict] = None
 
 
 def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -76,16 +79,25 @@ def next_token_loss(model: nn.Module, batch_BS: torch.Tensor) -> torch.Tensor:
     return cross_entropy(out if torch.is_tensor(out) else out.logits, batch_BS[:, 1:])
 
 
-def language_model_loss(forward: nn.Module, model: nn.Module) -> LossFn:
+def language_model_loss(forward: nn.Module, model: nn.Module, mtp_weight: float = DEFAULT_MTP_WEIGHT) -> LossFn:
     """``loss_fn`` of next-token training: ``CE(forward(m[:, :-1]), m[:, 1:]) + total_aux_loss(model)``.
 
     ``forward``: what runs the batch (the model, or a DeepSpeed engine around
-    it); ``model``: where the MoE layers are.
+    it); ``model``: where the MoE layers are. A model with MTP modules
+    (``mtp_depth`` > 0) adds ``mtp_weight / D * sum_k CE_k`` and reports its
+    parts (``moe_ep.training.mtp``).
     """
     def loss_fn(micro_BS: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = next_token_loss(forward, micro_BS)
+        if mtp_depth(model):
+            labels_BS = micro_BS[:, 1:]
+            out = forward(micro_BS[:, :-1], mtp_labels=labels_BS)
+            ce = cross_entropy(out.logits, labels_BS)
+            loss, parts = add_mtp(ce, out.mtp_logits, labels_BS, mtp_weight)
+        else:
+            ce = next_token_loss(forward, micro_BS)
+            loss, parts = ce, {}
         aux = total_aux_loss(model)
-        return ce + aux, dict(ce=ce.detach(), aux=aux.detach())
+        return loss + aux, dict(ce=ce.detach(), aux=aux.detach(), **parts)
     return loss_fn
 
 
