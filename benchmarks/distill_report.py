@@ -19,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from moe_ep.model_moe import parameter_counts
 from moe_ep.models import ModelConfig, MoETransformerLM
 from moe_ep.training.metrics import read_metrics
 from moe_ep.training.plots import save_figure
@@ -47,7 +48,7 @@ def summarize(folder: Path) -> dict:
             seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
         previous = record["step"]
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-    counts = MoETransformerLM(ModelConfig.from_dict(run["model"])).parameter_counts()
+    counts = parameter_counts(MoETransformerLM(ModelConfig.from_dict(run["model"])))
     summary = dict(run=folder.name, steps=train["steps"], val_loss=val[max(val)], val_curve=val,
                    total_params=counts.total, activated_params=counts.activated, train_seconds=round(seconds, 1),
                    wall_seconds=int((folder / "wall_seconds").read_text()),
@@ -58,14 +59,20 @@ def summarize(folder: Path) -> dict:
     return summary
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", type=Path, help="folder holding the runs of benchmarks/distill_runs.sh")
+def report_arguments(description: str, runs_script: str) -> argparse.Namespace:
+    """A report's command line: the folder of ``runs_script``'s runs, and where the JSON and PNG go (created)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, help=f"folder holding the runs of {runs_script}")
     p.add_argument("--data-dir", type=Path, default=Path("docs/data"))
     p.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     args = p.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     args.img_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = report_arguments(__doc__, "benchmarks/distill_runs.sh")
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, len(CASES), sharey=True)
     print("| case | run | val loss | parameters (total / activated) | training s | wall s |")

@@ -11,19 +11,7 @@ PY=.venv/bin/python
 COMMON=(--ep-size 2 --batch-size 8 --seq-len 128 --log-every 10 --val-every 25 --val-batches 8)
 TEACHER=(--steps 600 --warmup 30 --ckpt-every 600 --seed 0)
 STUDENT=(--steps 200 --warmup 20)
-
-run() {  # run OUT SCRIPT ARGS...: torchrun with 2 processes; records wall seconds and the load before it
-  local out=$1 script=$2
-  shift 2
-  if [ -f "$out/wall_seconds" ]; then echo "kept $out"; return; fi
-  mkdir -p "$out"
-  cut -d' ' -f1-3 /proc/loadavg > "$out/loadavg_before"
-  local start=$SECONDS
-  timeout 3600 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 "launch/$script" "$@" \
-    "${COMMON[@]}" --out "$out" > "$out/log.txt" 2>&1
-  echo $((SECONDS - start)) > "$out/wall_seconds"
-  tail -n 3 "$out/log.txt"
-}
+source benchmarks/torchrun_runs.sh  # run OUT SCRIPT ARGS...
 
 run "$RUNS/teacher_moe" train.py --preset tiny "${TEACHER[@]}"
 run "$RUNS/teacher_dense" train.py --preset tiny-dense "${TEACHER[@]}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (at most 8 minutes on one H100/H200): the compiled kernel tests, the grouped-GEMM
-# benchmark on DeepSeek expert shapes, the layer benchmark against DeepSpeed at ep 1, and 200 training
-# steps of the tiny model. Writes OUT/*.json (OUT: --out, default runs/gpu) and prints one summary table.
+# One prepared GPU check (at most 9 minutes on one H100/H200): the compiled kernel tests, the grouped-GEMM
+# benchmark on DeepSeek expert shapes, the layer benchmark against DeepSpeed at ep 1, the sync-free layer
+# eager, compiled and captured in a CUDA graph, and 200 training steps of the tiny model. Writes OUT/*.json (OUT: --out, default runs/gpu) and prints one summary table.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--python PY] [--smoke]
 #
@@ -60,6 +60,8 @@ if [ "$SMOKE" -eq 1 ]; then
   step layer 600 "$PY" benchmarks/bench_layer.py --quick --configs e16k2 --ep 1 --iters 1 --warmup 0 --tokens 64 \
     --impls moe_ep dense_bound \
     --hidden 32 --ffn 32 --json "$OUT/layer.json"
+  step sync_free 600 "$PY" benchmarks/bench_sync_free.py --tiny --backend aot_eager --modes expert_position \
+    --check-steps 1 --iters 1 --json "$OUT/sync_free.json"
   step train 600 "$PY" launch/train.py --preset tiny --steps 4 --batch-size 2 --seq-len 16 --val-every 4 \
     --val-batches 1 --log-every 2 --out "$TRAIN"
 else
@@ -68,6 +70,9 @@ else
   step grouped_gemm 120 "$PY" benchmarks/bench_grouped_gemm.py --models v2-lite v3 --experts 8 32 --tokens 128 2048 \
     --dtype bf16 --dists uniform --out "$OUT/grouped_gemm.json"
   step layer 90 "$PY" benchmarks/bench_layer.py --device cuda --ep 1 --dtypes bf16 fp32 --json "$OUT/layer.json"
+  # MoEConfig.sync_free: eager, torch.compile(fullgraph=True) and the eager step captured in one CUDA graph
+  step sync_free 90 "$PY" benchmarks/bench_sync_free.py --device cuda --cuda-graph --dtype bf16 \
+    --modes v2_device_limited_dropping --iters 20 --json "$OUT/sync_free.json"
   step train 60 "$PY" launch/train.py --preset tiny --steps 200 --out "$TRAIN"
 fi
 cp "$TRAIN/metrics.jsonl" "$OUT/train_metrics.jsonl" 2> /dev/null

@@ -3,8 +3,9 @@
     python benchmarks/gpu_summary.py runs/gpu
 
 Reads ``steps.jsonl`` (exit status and seconds of each step), ``grouped_gemm.json``
-(``bench_grouped_gemm.py``), ``layer.json`` (``bench_layer.py``) and ``train_metrics.jsonl``
-(``launch/train.py``); whatever is missing is reported as missing. The grouped-GEMM rows
+(``bench_grouped_gemm.py``), ``layer.json`` (``bench_layer.py``), ``sync_free.json``
+(``bench_sync_free.py``) and ``train_metrics.jsonl`` (``launch/train.py``); whatever is missing is
+reported as missing. The grouped-GEMM rows
 are checked against the aims of docs/performance.md: Triton >= 0.9x ``torch._grouped_mm``,
 >= 3x the per-expert loop at 128 tokens per expert, >= 70 % of the dense rate at >= 1024,
 and the fused FFN faster than the unfused one.
@@ -73,6 +74,13 @@ def layer_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def sync_free_rows(records: list[dict]) -> list[dict]:
+    """The sync-free layer's step times per routing mode: eager, compiled, CUDA graph (None where not run)."""
+    return [dict(mode=r["mode"], ep=r["ep"], dtype=r["dtype"], max_err=r["max_err"], graphs=r["graphs"],
+                 eager_ms=r.get("eager_ms"), compiled_ms=r.get("compiled_ms"), cuda_graph_ms=r.get("cuda_graph_ms"))
+            for r in records]
+
+
 def _fmt(value, spec=".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -86,6 +94,9 @@ LAYER_COLUMNS = [("config", "layer", "8s"), ("ep", "ep", "2d"), ("dtype", "dtype
                  ("step_ms", "moe_ep ms", "10.2f"), ("bound_ratio", "/ bound", "8.2f"),
                  ("deepspeed_step_over_ours", "DeepSpeed/ours", "14.2f"), ("peak_mem_mb", "MiB ours", "9.0f"),
                  ("deepspeed_mem_mb", "MiB DeepSpeed", "13.0f")]
+SYNC_FREE_COLUMNS = [("mode", "sync-free mode", "26s"), ("ep", "ep", "2d"), ("dtype", "dtype", "5s"),
+                     ("max_err", "max err", "8.1e"), ("graphs", "graphs", "6d"), ("eager_ms", "eager ms", "9.2f"),
+                     ("compiled_ms", "compiled ms", "11.2f"), ("cuda_graph_ms", "CUDA graph ms", "13.2f")]
 
 
 def _print_table(rows, columns) -> None:
@@ -104,10 +115,12 @@ def main(folder: str) -> dict:
     steps = _read_jsonl(out / "steps.jsonl")
     gemm = _read_json(out / "grouped_gemm.json")
     layer = _read_json(out / "layer.json")
+    sync_free = _read_json(out / "sync_free.json")
     train = _read_jsonl(out / "train_metrics.jsonl")
     summary = dict(steps=steps,
                    grouped_gemm=grouped_gemm_rows(gemm["results"]) if gemm else None,
                    layer=layer_rows(layer) if layer else None,
+                   sync_free=sync_free_rows(sync_free) if sync_free else None,
                    train=dict(first_val=next((r["val_loss"] for r in train if "val_loss" in r), None),
                               last_val=next((r["val_loss"] for r in reversed(train) if "val_loss" in r), None),
                               tokens_per_s=next((r["tokens_per_s"] for r in reversed(train) if "tokens_per_s" in r),
@@ -117,6 +130,7 @@ def main(folder: str) -> dict:
         print(f"{s['step']:15s} {s['exit']:4d} {s['seconds']:8d}")
     _print_table(summary["grouped_gemm"], GEMM_COLUMNS)
     _print_table(summary["layer"], LAYER_COLUMNS)
+    _print_table(summary["sync_free"], SYNC_FREE_COLUMNS)
     if summary["train"]:
         t = summary["train"]
         print(f"\ntrain: val loss {_fmt(t['first_val'], '.3f')} -> {_fmt(t['last_val'], '.3f')}, "

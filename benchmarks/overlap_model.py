@@ -6,10 +6,10 @@ intra-node link. A transfer starts when it is issued and its link is free (one t
 link) and takes ``alpha + bytes / bandwidth`` (the caller's per-chunk pass times); compute runs in
 program order and waits for what it needs. Per phase:
 
-    forward   send D(0); for i: send D(i+1), wait D(i), [inner hop of i, sent and awaited], E(i),
+    forward   send every D(i); for i: wait D(i), [inner hop of i, sent and awaited], E(i),
               [inner combine of i], send C(i); wait every C
     backward  send every combine gradient, last chunk first; for i from the last: wait Cg(i),
-              [inner hops], Eb(i), send Dg(i), wait Dg(i + 1); wait Dg(0)
+              [inner hops], Eb(i), send Dg(i); wait every Dg
 
 (the backward order is the one autograd takes: later chunks' nodes first). ``c = 1`` is the serialized
 layer: every transfer exposed. ``benchmarks/project.py`` uses it for the projection with overlap and
@@ -55,11 +55,9 @@ def _compute_chunk(links: _Links, phase: Phase, now: float) -> float:
 def forward_time(phase: Phase, chunks: int) -> float:
     """Seconds of the forward schedule of the module docstring."""
     links, now = _Links(), 0.0
-    dispatched = [links.send(phase.outer_link, now, phase.outer_s)]
+    dispatched = [links.send(phase.outer_link, now, phase.outer_s) for _ in range(chunks)]
     combined = []
     for i in range(chunks):
-        if i + 1 < chunks:
-            dispatched.append(links.send(phase.outer_link, now, phase.outer_s))
         now = _compute_chunk(links, phase, max(now, dispatched[i]))
         combined.append(links.send(phase.outer_link, now, phase.outer_s))
     return max([now] + combined)
@@ -73,9 +71,7 @@ def backward_time(phase: Phase, chunks: int) -> float:
     for i in reversed(range(chunks)):
         now = _compute_chunk(links, phase, max(now, combined[i]))
         dispatched[i] = links.send(phase.outer_link, now, phase.outer_s)
-        if i + 1 < chunks:
-            now = max(now, dispatched[i + 1])
-    return max(now, dispatched[0])
+    return max([now] + list(dispatched.values()))
 
 
 def step_time(forward: Phase, backward: Phase, chunks: int) -> float:

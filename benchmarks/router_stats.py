@@ -17,6 +17,12 @@ Routing rules: ``greedy`` (top-K), ``device_limited`` (groups = GPUs, M =
 max(--device-limit, ceil(K G / E)) so K experts stay reachable) and
 ``node_limited`` (groups = nodes, M = min(--node-limit, N); DeepSeek-V3: 4).
 
+With ``--json`` it also writes, under the layer's own routing (its config
+and bias), what ``benchmarks/bench_eplb.py`` plans expert placements from:
+``expert_load`` (per layer, routed pairs per expert in each of
+``--load-chunks`` consecutive chunks of the tokens) and ``choices`` (per
+layer, the experts of the first ``--choice-tokens`` tokens).
+
     python benchmarks/router_stats.py runs/router256 --json docs/data/router_stats_v3mini256.json
 """
 from __future__ import annotations
@@ -121,6 +127,17 @@ def measure(layers: list[tuple], gpu_counts, gpus_per_node: int, device_limit: i
     return records
 
 
+def own_routing(layers: list[tuple], chunks: int, choice_tokens: int) -> dict:
+    """``expert_load`` [layer][chunk][E] and ``choices`` [layer][token][K] under each layer's own routing."""
+    loads, choices = [], []
+    for cfg, bias, logits in layers:
+        idx_TK = select_experts(logits, cfg, bias).topk_idx_TK
+        loads.append([torch.bincount(part.flatten(), minlength=cfg.n_routed_experts).tolist()
+                      for part in idx_TK.chunk(chunks)])
+        choices.append(idx_TK[:choice_tokens].tolist())
+    return dict(expert_load=loads, choices=choices)
+
+
 def print_table(records: list[dict], source: dict) -> None:
     print(f"router: {source['run']} ({source['checkpoint']}), {source['tokens']} validation tokens, "
           f"{len(records) and records[0]['experts']} experts, top-{records[0]['top_k']}; means over MoE layers")
@@ -141,7 +158,9 @@ def main(argv=None) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--device-limit", type=int, default=4, help="device-limited M (raised to ceil(K G / E))")
     p.add_argument("--node-limit", type=int, default=4, help="node-limited M (DeepSeek-V3: 4)")
-    p.add_argument("--json", default=None, help="write {source, records} here")
+    p.add_argument("--json", default=None, help="write {source, records, expert_load, choices} here")
+    p.add_argument("--load-chunks", type=int, default=8, help="token chunks of expert_load (default 8)")
+    p.add_argument("--choice-tokens", type=int, default=512, help="tokens of choices (default 512)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     layers, source = router_logits(pathlib.Path(args.run_dir), args.tokens, args.seq_len)
@@ -150,7 +169,8 @@ def main(argv=None) -> None:
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"source": source, "records": records}, indent=1))
+        own = own_routing(layers, args.load_chunks, args.choice_tokens)
+        path.write_text(json.dumps({"source": source, "records": records, **own}, separators=(",", ":")) + "\n")
         print(f"wrote {path}")
 
 

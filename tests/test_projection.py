@@ -85,3 +85,56 @@ def test_overlap_model_serial_and_pipelined_schedules():
     for c in (1, 2, 4, 8):  # never below the work of either resource
         t = forward_time(split(4.0, 0.0, 8.0, c, 0.0, 0.0), c)
         assert t >= max(8.0, 2 * 4.0) - 1e-9
+
+
+def test_training_step_projection_on_a_hand_computed_dense_pipeline():
+    """No MoE layer (no all-to-all, no imbalance), 2 stages, the last one (with the head) slower: 1F1B's schedule
+    lasts F0 + m (F1 + B1) + B0 (the last stage never waits; the first one starts it and ends it), with F the
+    stage's forward FLOPs over the GEMM rate and B = 2 F; the step adds the DP all-reduce."""
+    from project_training import ModelShape, dp_reduce_seconds, project_step
+
+    H, I_d, V, S, T = 64, 256, 100, 32, 32
+    model = ModelShape("toy", layers=4, dense_layers=4, hidden=H, dense_ffn=I_d, experts=8, top_k=2, ffn=16,
+                       shared=0, shared_ffn=16, vocab=V, attn_params=4.0 * H * H, attn_score_flops=2.0 * S * H,
+                       seq_len=S)
+    hw = dict(peak_flops=1e9, bf16_peak=1e9, hbm_bw=1e12, bw_intra=1e9, bw_inter=1e8, alpha_intra=0.0,
+              alpha_inter=0.0)
+    stats = dict(gpus=8, nodes=1, imbalance=1.0, remote_ranks=0.0, internode_ranks=0.0, remote_nodes=0.0,
+                 hop2_rows=0.0)
+    p, m, eff = 2, 6, 0.5
+    r = project_step(model, stats, hw, pp=p, ep=1, dp=2, schedule="1f1b", overlap="none", micro_batches=m,
+                     tokens=T, gemm_eff=eff)
+    layer = 2 * T * (4 * H * H + 3 * H * I_d) + T * 2 * S * H            # one layer's forward FLOPs
+    F0, F1 = 2 * layer / (1e9 * eff), (2 * layer + 2 * T * H * V) / (1e9 * eff)  # stage 1: 2 layers + head
+    assert r["makespan_s"] == pytest.approx(F0 + m * 3 * F1 + 2 * F0)
+    # DP: stage 1 holds 2 layers and the head: ring over dp x ep = 2 ranks -> 2 (n-1)/n = 1, fp32 gradients
+    stage1 = 2 * (4 * H * H + 3 * H * I_d) + V * H
+    assert r["dp_s"] == pytest.approx(stage1 * 4 / 1e8)
+    assert dp_reduce_seconds(dict(non_expert=1e9, expert=5e8), dp=2, ep=4, grad_bytes=4, bw=50e9) == \
+        pytest.approx((1.75 * 1e9 + 1.0 * 5e8) * 4 / 50e9)
+    assert r["step_s"] == pytest.approx(r["makespan_s"] + r["dp_s"])
+    assert r["tokens_per_gpu_s"] == pytest.approx(m * T / (p * r["step_s"]))
+    assert r["shares"]["exposed_a2a"] == pytest.approx(0, abs=1e-12) and r["shares"]["imbalance"] == 0
+    assert sum(r["shares"].values()) == pytest.approx(1)
+    assert r["memory"][0]["in_flight"] == p  # 1F1B: the first rank holds p micro-batches
+
+
+def test_fb_overlap_hides_the_smaller_of_compute_and_all_to_all():
+    """An OVERLAP_F_B pair lasts max(compute, all-to-all) of its forward and backward; apart, their sum."""
+    from project_training import action_parts
+
+    acts = [dict(F=3.0, I=5.0, W=2.0, c_F=2.0, c_I=2.0, c_W=2.0, imb_F=0.0, imb_I=0.0, imb_W=0.0, comm_F=1.0,
+                 comm_B=3.0)] * 2
+    pair = ("FB", -1, None, (("F", 0, 1, ()), ("B", 1, 0, ())))
+    assert action_parts(pair, acts, overlap_fb=False)[0] == pytest.approx(3.0 + 5.0 + 2.0)
+    assert action_parts(pair, acts, overlap_fb=True)[:2] == pytest.approx((max(6.0, 4.0), 6.0))
+
+
+def test_eplb_model_reproduces_the_measured_imbalance_and_lowers_it():
+    from project_training import eplb_imbalance
+
+    plain = eplb_imbalance(1.8, experts=64, gpus=16, nodes=2, redundant=0.0, draws=8)
+    assert plain["plain_check"] == pytest.approx(1.8, rel=0.02)  # the fitted lognormal gives the measured max/mean
+    more = eplb_imbalance(1.8, experts=64, gpus=16, nodes=2, redundant=0.25, draws=8)
+    assert 1.0 <= more["imbalance"] < plain["imbalance"] < 1.8
+    assert eplb_imbalance(1.8, 64, 16, 2, None)["imbalance"] == 1.8
