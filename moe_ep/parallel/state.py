@@ -78,8 +78,9 @@ class ParallelState:
 
     @property
     def global_group(self) -> Optional[dist.ProcessGroup]:
-        """Every rank of every stage (checkpoints, run-wide agreement); None on one process."""
-        return dist.group.WORLD if dist.is_initialized() else None
+        """Every rank of every stage (checkpoints, run-wide agreement); None for a one-process state, also one
+        that a single rank of a larger job builds for work of its own (e.g. a conversion on rank 0)."""
+        return dist.group.WORLD if dist.is_initialized() and self.world_size * self.pp_size > 1 else None
 
     @property
     def is_rank0(self) -> bool:
@@ -198,8 +199,9 @@ def init_expert_parallel(ep_size: Optional[int] = None, nodes: Optional[int] = N
     world = total // pp_size  # ranks of one stage
     ep_size = world if ep_size is None else ep_size
     if ep_size < 1 or world % ep_size != 0:
-        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the {world} ranks of a "
-                         f"pipeline stage (world size {total} / pp_size {pp_size})")
+        ranks = f"world size {total}" if pp_size == 1 else \
+            f"{world} ranks of a pipeline stage (world size {total} / pp_size {pp_size})"
+        raise ValueError(f"init_expert_parallel: ep_size={ep_size} does not divide the {ranks}")
     if nodes is None:
         nodes = nodes_per_ep_group(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if nodes < 1 or ep_size % nodes != 0:
