@@ -2,17 +2,17 @@
 nothing else.
 
 Four processes run every schedule (gpipe, 1f1b, interleaved-1f1b, zbv, dualpipev, and dualpipev with its
-forward and backward overlapped) at pp 2 x ep 2, and 1f1b and dualpipev at pp 2 x dp 2 x ep 1; two processes run the plain trainer
+forward and backward overlapped) at pp 2 x ep 2 and at pp 2 x dp 2 x ep 1; two processes run the plain trainer
 at ep 2 and at dp 2 x ep 1 with the same global batch and micro-batches (pipeline_workers.py). Per data rank:
 
-* fp32, 5 steps: cross-entropy, aux loss, grad norm (over every stage) and the validation loss equal the
+* fp32, 10 steps: cross-entropy, aux loss, grad norm (over every stage) and the validation loss equal the
   pp 1 run's within 1e-5 relative; every layer's expert loads per micro-batch are equal (statistics gathered
   over the stages, in depth order);
 * at pp 2 x ep 2 under 1f1b, zbv and dualpipev (both stage placements), activation checkpointing, 2 steps:
   the same within 1e-5; bf16, 2 steps: within 2e-3 (both
   runs autocast the same micro-batches; the stage boundary adds no rounding, but the order of accumulations
   may differ);
-* dualpipev overlapped equals dualpipev within 1e-6 (losses and every weight after 5 steps), and its forward
+* dualpipev overlapped equals dualpipev within 1e-6 (losses and every weight after 10 steps), and its forward
   and backward did take turns at the all-to-alls.
 
 A transformers DeepSeek-V3 model made expert-parallel and cut into stages (1f1b, and dualpipev overlapped)
