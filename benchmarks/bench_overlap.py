@@ -122,7 +122,7 @@ def _outputs(built: _Built) -> list[torch.Tensor]:
 def _timeline(built: _Built, speeds: dict) -> dict:
     """One forward+backward under the links: link transfers and expert compute intervals (seconds from the start)."""
     spans = []
-    forward, backward = expert_ffn._ExpertFFN._forward, expert_ffn._ExpertFFN._backward
+    forward, backward = expert_ffn._ExpertFFN.forward, expert_ffn._ExpertFFN.backward
 
     def timed(fn, label):
         def run(*args):
@@ -132,8 +132,8 @@ def _timeline(built: _Built, speeds: dict) -> dict:
             return out
         return staticmethod(run)
 
-    expert_ffn._ExpertFFN._forward = timed(forward, "experts")
-    expert_ffn._ExpertFFN._backward = timed(backward, "experts.backward")
+    expert_ffn._ExpertFFN.forward = timed(forward, "experts")
+    expert_ffn._ExpertFFN.backward = timed(backward, "experts.backward")
     try:
         torch.distributed.barrier()
         with emulated_links(**speeds) as links:
@@ -141,7 +141,7 @@ def _timeline(built: _Built, speeds: dict) -> dict:
             forward_backward(built)
             end = time.perf_counter()
     finally:
-        expert_ffn._ExpertFFN._forward, expert_ffn._ExpertFFN._backward = forward, backward
+        expert_ffn._ExpertFFN.forward, expert_ffn._ExpertFFN.backward = forward, backward
     links_spans = [(label, begin - origin, stop - origin) for label, _, begin, stop in links.events]
     return dict(step_s=end - origin, links=links_spans, experts=[(l, a - origin, b - origin) for l, a, b in spans])
 
