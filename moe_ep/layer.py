@@ -161,8 +161,7 @@ class MoELayer(nn.Module):
         self.experts = RoutedExperts(config, E // parallel.ep_size)
         self.shared_experts = SharedExperts(config) if config.n_shared_experts else None
         self.placement: Optional[Placement] = None
-        self.dispatcher = make_dispatcher(config.dispatcher, parallel, E, chunks=config.overlap_chunks,
-                                          sync_free=config.sync_free)
+        self.dispatcher = self._make_dispatcher()
         self.side_stream = SideStream()
         self.register_buffer("drop_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float64), persistent=False)
@@ -437,9 +436,13 @@ class MoELayer(nn.Module):
         new_P = placement.phy2log_P if placement is not None else torch.arange(self.config.n_routed_experts)
         move_expert_slots(self.experts, self.phy2log(), new_P, self.parallel, optimizer)
         self.placement = placement
-        self.dispatcher = make_dispatcher(self.config.dispatcher, self.parallel, self.config.n_routed_experts,
-                                          chunks=self.config.overlap_chunks, placement=placement,
-                                          sync_free=self.config.sync_free)
+        self.dispatcher = self._make_dispatcher()
+
+    def _make_dispatcher(self):
+        """The dispatcher of this layer's config and current placement."""
+        cfg = self.config
+        return make_dispatcher(cfg.dispatcher, self.parallel, cfg.n_routed_experts, chunks=cfg.overlap_chunks,
+                               placement=self.placement, sync_free=cfg.sync_free)
 
     def phy2log(self) -> torch.Tensor:
         """The logical expert of every slot of the EP group, rank-major (``arange(E)`` without a placement)."""
