@@ -82,7 +82,7 @@ class _FreeExperts(torch.nn.Module):
         super().__init__()
         self.num_local_experts = num_local_experts
 
-    def forward(self, x_SH, row_R, counts_E, weight_R):
+    def forward(self, x_SH, row_R, counts_E, weight_R, shared_grads=None):
         return torch.zeros_like(x_SH).index_add_(0, row_R, x_SH[row_R] * weight_R.to(x_SH.dtype)[:, None])
 
 

@@ -4,7 +4,10 @@ Rows are sorted by expert; expert e owns ``counts_E[e]`` consecutive rows.
 Every backend provides the two passes of ``moe_ep.expert_ffn``:
 
     ffn_forward(x_S, row_R, counts, weight_R, w_in, w_out, act, keep_pre) -> y_S, and h_R if kept
-    ffn_backward(dy_S, saved..., needs) -> d x_S, d weight_R, d w_in, d w_out
+    ffn_backward(dy_S, saved..., needs, into) -> d x_S, d weight_R, d w_in, d w_out
+
+(``into``: a ``GradSums`` the weight gradients are added into instead of
+returned fresh: the overlap chunks of one layer call, ``moe_ep.expert_ffn``),
 
 and the grouped products the grouped passes (``_GroupedPasses``) are made of:
 
@@ -47,6 +50,7 @@ torch, device or strides) raises ``ValueError`` saying why.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -143,6 +147,24 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
                           aligned=aligned)
 
 
+@dataclass
+class GradSums:
+    """Weight-gradient sums that backward passes add into: ``d_w_in`` ``[E, H, J]``, ``d_w_out`` ``[E, I, H]``.
+
+    None until the first pass writes it (that pass allocates it); a pass adds its products into a written one.
+    """
+
+    d_w_in: Optional[torch.Tensor] = None
+    d_w_out: Optional[torch.Tensor] = None
+
+    def add(self, d_w_in: Optional[torch.Tensor], d_w_out: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        """Add fresh gradients (None: not computed) into the sums, keeping the first ones as the buffers; the sums."""
+        self.d_w_in = d_w_in if self.d_w_in is None else (self.d_w_in if d_w_in is None else self.d_w_in.add_(d_w_in))
+        self.d_w_out = d_w_out if self.d_w_out is None else \
+            (self.d_w_out if d_w_out is None else self.d_w_out.add_(d_w_out))
+        return self.d_w_in, self.d_w_out
+
+
 class _GroupedPasses:
     """``ffn_forward`` / ``ffn_backward`` of moe_ep.expert_ffn from the backend's products over all rows at once.
 
@@ -163,9 +185,11 @@ class _GroupedPasses:
 
     def ffn_backward(self, dy_SH: torch.Tensor, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor,
                      weight_R: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h_RJ: Optional[torch.Tensor],
-                     activation: str, needs: tuple[bool, bool, bool, bool]) -> tuple[Optional[torch.Tensor], ...]:
+                     activation: str, needs: tuple[bool, bool, bool, bool],
+                     into: Optional[GradSums] = None) -> tuple[Optional[torch.Tensor], ...]:
         """``(d x, d weight, d w_in, d w_out)`` (``d weight`` in x's dtype), None where ``needs`` (the same four
-        flags) is False; ``h_RJ`` None: recompute it."""
+        flags) is False; ``h_RJ`` None: recompute it. ``into``: add the weight gradients into its sums and
+        return those."""
         need_x, need_weight, need_w_in, need_w_out = needs
         rows_RH = host_memory.empty((row_R.shape[0], x_SH.shape[1]), x_SH)  # gathered dY, x, then dx rows
         if h_RJ is None:  # not kept: the routed experts' activation checkpointing
@@ -180,6 +204,8 @@ class _GroupedPasses:
         if need_x:
             dx_RH = self.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
             d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
+        if into is not None:
+            d_w_in, d_w_out = into.add(d_w_in, d_w_out)
         return d_x, d_weight, d_w_in, d_w_out
 
     def down_backward(self, dy_RH: torch.Tensor, h_RJ: torch.Tensor, w_out: torch.Tensor, scale_R1: torch.Tensor,
@@ -234,10 +260,15 @@ def _mm_per_expert(x_RK: torch.Tensor, w_EKN: torch.Tensor, sizes: list[int], ou
     return out_RN
 
 
-def _wgrad_per_expert(x_RK: torch.Tensor, dy_RN: torch.Tensor, sizes: list[int], out_EKN: torch.Tensor) -> None:
-    """``out[e] = x_e^T @ dy_e`` (zeros for an expert without rows), one ``torch.mm`` per expert."""
+def _wgrad_per_expert(x_RK: torch.Tensor, dy_RN: torch.Tensor, sizes: list[int], out_EKN: torch.Tensor,
+                      accumulate: bool = False) -> None:
+    """``out[e] = x_e^T @ dy_e`` (zeros for an expert without rows), or ``out[e] += x_e^T @ dy_e`` when
+    ``accumulate`` (in place, no temporary), one GEMM per expert."""
     for out_KN, x_e, dy_e in zip(out_EKN.unbind(0), x_RK.split(sizes), dy_RN.split(sizes)):
-        torch.mm(x_e.t(), dy_e, out=out_KN)
+        if accumulate:
+            out_KN.addmm_(x_e.t(), dy_e)
+        else:
+            torch.mm(x_e.t(), dy_e, out=out_KN)
 
 
 class LoopOps(_GatherThenUp, _GroupedPasses):
@@ -253,19 +284,22 @@ class LoopOps(_GatherThenUp, _GroupedPasses):
         _wgrad_per_expert(x_RK, dy_RN, counts_E.tolist(), dw_EKN)
         return dw_EKN
 
-    def ffn_backward(self, dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation, needs):
+    def ffn_backward(self, dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation, needs, into=None):
         """As ``_GroupedPasses.ffn_backward``, one block of consecutive experts at a time (``_expert_blocks``:
         at least ``_BLOCK_ELEMENTS`` elements of ``h`` each, so the element-wise steps are not paid per tiny
         expert): the block's rows of ``dY`` and ``x`` are gathered and go through the whole backward (``dA~``, the
         activation, ``dW_out``, ``dh``, ``dW_in``, ``dx``, the products one expert at a time) and are added into
         ``d x`` before the next block's. Besides ``h`` and the gradients no buffer spans all rows (with ``h_RJ``
-        None, ``h`` is recomputed one block at a time too)."""
+        None, ``h`` is recomputed one block at a time too). With ``into``, the weight-gradient products add into
+        its written sums (``addmm_``: no weight-sized temporary) and write the others."""
         need_x, need_weight, need_w_in, need_w_out = needs
         sizes = counts_E.tolist()  # one host read
         d_x = torch.zeros_like(x_SH) if need_x else None
         d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
-        d_w_in = host_memory.empty(w_in.shape, w_in) if need_w_in else None
-        d_w_out = host_memory.empty(w_out.shape, w_out) if need_w_out else None
+        add_in = into is not None and into.d_w_in is not None
+        add_out = into is not None and into.d_w_out is not None
+        d_w_in = (into.d_w_in if add_in else host_memory.empty(w_in.shape, w_in)) if need_w_in else None
+        d_w_out = (into.d_w_out if add_out else host_memory.empty(w_out.shape, w_out)) if need_w_out else None
         scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
         J, I = w_in.shape[2], w_out.shape[1]
         for first, end, lo, hi in _expert_blocks(sizes, J):
@@ -281,17 +315,21 @@ class LoopOps(_GatherThenUp, _GroupedPasses):
             act_b = scaled_activation(h_b, da_b, scale_b, activation, None if d_weight is None else d_weight[lo:hi],
                                       dot_chunk_elements=_BLOCK_ELEMENTS // 4)
             if need_w_out:
-                _wgrad_per_expert(act_b, dy_b, block, d_w_out[first:end])
+                _wgrad_per_expert(act_b, dy_b, block, d_w_out[first:end], add_out)
             del act_b
             dh_b = activation_grad(h_b, da_b.mul_(scale_b), activation)
             del da_b, h_b  # with GELU dh is written over dA~
             if need_w_in:  # x's rows gathered only now: fewer rows of the block alive at once
                 x_b = x_SH.index_select(0, row_b) if x_b is None else x_b
-                _wgrad_per_expert(x_b, dh_b, block, d_w_in[first:end])
+                _wgrad_per_expert(x_b, dh_b, block, d_w_in[first:end], add_in)
             del x_b
             if need_x:  # dx rows into dY's buffer, which is done with
                 d_x.index_add_(0, row_b, _mm_per_expert(dh_b, w_in[first:end].transpose(1, 2), block, dy_b))
             del dh_b, dy_b  # before the next block's buffers
+        if into is not None:  # a written buffer becomes the sum (an added one already is)
+            into.d_w_in = d_w_in if need_w_in else into.d_w_in
+            into.d_w_out = d_w_out if need_w_out else into.d_w_out
+            return d_x, d_weight, into.d_w_in, into.d_w_out
         return d_x, d_weight, d_w_in, d_w_out
 
 

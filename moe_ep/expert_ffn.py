@@ -34,6 +34,10 @@ autocast off whatever the caller's state: ``MoELayer`` chooses the compute
 dtype and casts x once before dispatch, ``RoutedExperts`` casts the weights
 to x's dtype.
 
+Several calls on the same weights (the overlap chunks of one layer call)
+can share one weight gradient (``SharedWeightGrads``): each call's backward
+adds ``dW_in``, ``dW_out`` into one sum and the last to run returns it.
+
 Both passes are the backend's (``moe_ep.expert_backend``). Triton and torch
 run each step over all rows with grouped products (Triton fuses the gather,
 the activation and the gate weight into the first GEMM), reusing one
@@ -43,25 +47,66 @@ so besides ``h`` and the gradients no buffer spans all rows.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 from .activations import ACTIVATIONS
-from .expert_backend import grouped_ops
+from .expert_backend import GradSums, grouped_ops
 from .precision import autocast_off
 
 EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
 
 
+class SharedWeightGrads:
+    """One weight gradient for several ``expert_ffn`` calls on the same weights: the overlap chunks of one layer call.
+
+    Alone, each of c calls returns a fresh ``dW_in`` ``[E, H, J]`` and ``dW_out`` ``[E, I, H]`` from its
+    backward and autograd adds the c of them: c weight-sized buffers (on CPU new memory each, page faults
+    included: docs/performance.md) and c - 1 adds, a cost that grows with c while the rest of the backward does
+    not. Shared, every call's backward adds its products into one sum (the loop backend with ``addmm_``, no
+    temporary; the grouped ones add their result) and the last call to run its backward returns
+
+        dW = sum over the calls i of dW_i
+
+    while the others return None (no gradient) for the weights, so autograd sees one tensor.
+
+    Contract: the calls register in their forward (``expert_ffn`` registers those a backward follows), and
+    every backward pass runs the backward of every registered call (true when their outputs meet in one graph,
+    as the chunks do in the combine). A pass that completes resets the count, so a retained graph can be
+    back-propagated again.
+    """
+
+    def __init__(self):
+        self.sums = GradSums()
+        self._registered = self._pending = 0
+
+    def register(self) -> None:
+        self._registered += 1
+        self._pending += 1
+
+    def backward_done(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """After one registered call's backward added its part: ``(dW_in, dW_out)`` when it was the last of this
+        pass (the sums, handed over), else ``(None, None)``."""
+        self._pending -= 1
+        if self._pending:
+            return None, None
+        sums, self.sums, self._pending = self.sums, GradSums(), self._registered
+        return sums.d_w_in, sums.d_w_out
+
+
 class _ExpertFFN(torch.autograd.Function):
     # The passes themselves are the backend's (``ffn_forward`` / ``ffn_backward`` of moe_ep.expert_backend).
     @staticmethod
-    def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre):
+    def forward(ctx, x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation, keep_pre, shared):
         with record_function(EXPERTS_LABEL):
             y_SH, h_RJ = ops.ffn_forward(x_SH, row_R, counts_E, weight_R, w_in, w_out, activation, keep_pre)
         ctx.save_for_backward(x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ)
-        ctx.ops, ctx.activation = ops, activation
+        ctx.ops, ctx.activation, ctx.shared = ops, activation, shared
+        if shared is not None:
+            shared.register()
         return y_SH
 
     @staticmethod
@@ -70,16 +115,19 @@ class _ExpertFFN(torch.autograd.Function):
         with autocast_off(dy_SH.device.type), record_function(EXPERTS_LABEL + ".backward"):
             x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
             need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
+            shared = ctx.shared
             d_x, d_weight, d_w_in, d_w_out = ctx.ops.ffn_backward(
                 dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, ctx.activation,
-                (need_x, need_weight, need_w_in, need_w_out))
+                (need_x, need_weight, need_w_in, need_w_out), None if shared is None else shared.sums)
+            if shared is not None:
+                d_w_in, d_w_out = shared.backward_done()
         d_weight = d_weight.to(weight_R.dtype) if need_weight else None
-        return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None
+        return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None, None
 
 
 def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor,
                w_in: torch.Tensor, w_out: torch.Tensor, activation: str, backend: str = "auto",
-               recompute: bool = False) -> torch.Tensor:
+               recompute: bool = False, shared_grads: Optional[SharedWeightGrads] = None) -> torch.Tensor:
     """``y_S`` of the module docstring; differentiable in x_SH, weight_R, w_in and w_out.
 
     Args:
@@ -93,6 +141,7 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         recompute: do not keep the pre-activations for backward; recompute them.
             Without a backward to come (grad mode off, or no input requiring
             grad) they are never kept.
+        shared_grads: sum the weight gradients with those of the other calls sharing it (``SharedWeightGrads``).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_ffn: unknown activation {activation!r}; choose from {ACTIVATIONS}")
@@ -112,6 +161,6 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x_SH, weight_R, w_in, w_out))
     with autocast_off(x_SH.device.type):
         return _ExpertFFN.apply(x_SH, row_R, counts_E, weight_R, w_in, w_out, ops, activation,
-                                backward_follows and not recompute)
+                                backward_follows and not recompute, shared_grads if backward_follows else None)
 
 

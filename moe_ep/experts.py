@@ -13,13 +13,15 @@ stores [E, out, in] (see ``moe_ep.interop``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .activations import activate
 from .config import MoEConfig
-from .expert_ffn import expert_ffn
+from .expert_ffn import SharedWeightGrads, expert_ffn
 
 
 class RoutedExperts(nn.Module):
@@ -44,14 +46,16 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.w_out, std=I ** -0.5)
 
     def forward(self, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor,
-                weight_R: torch.Tensor) -> torch.Tensor:
+                weight_R: torch.Tensor, shared_grads: Optional[SharedWeightGrads] = None) -> torch.Tensor:
         """``y_S[s] = sum_{r : row_R[r] = s} weight_R[r] * FFN_{e(r)}(x_S[s])`` (``moe_ep.expert_ffn``).
 
         ``row_R`` lists the source row of each (row, expert) pair sorted by
         local expert, ``counts_E`` pairs per expert; returns ``[S, H]``.
+        ``shared_grads``: one weight gradient for this call and the others
+        sharing it (the overlap chunks of one layer call).
         """
         return expert_ffn(x_SH, row_R, counts_E, weight_R, self.w_in.to(x_SH.dtype), self.w_out.to(x_SH.dtype),
-                          self.activation, self.backend, self.recompute)
+                          self.activation, self.backend, self.recompute, shared_grads)
 
     def padded(self, x_ENH: torch.Tensor) -> torch.Tensor:
         """``y_EN = act(x_EN W_in[e]) W_out[e]``: N rows of every local expert, as batched matmuls, no gate weight.

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_ep.expert_ffn import expert_ffn
+from moe_ep.expert_ffn import SharedWeightGrads, expert_ffn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,6 +144,66 @@ def test_second_backward_through_a_retained_graph(backend, activation):
     second = torch.autograd.grad(y, leaves, dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+class _RecordingGrads(SharedWeightGrads):
+    """Records, per chunk backward, whether it handed the weight gradients to autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.returned = []
+
+    def backward_done(self):
+        d_w_in, d_w_out = super().backward_done()
+        self.returned.append(d_w_in is not None and d_w_out is not None)
+        return d_w_in, d_w_out
+
+
+def _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared):
+    """The rows in three chunks (one of them empty), each an ``expert_ffn`` call; the chunks' outputs summed."""
+    expert_R = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    y = torch.zeros_like(x)
+    for part in (slice(0, 5), slice(5, 5), slice(5, None)):
+        y = y + expert_ffn(x, row[part], torch.bincount(expert_R[part], minlength=len(counts)), weight[part],
+                           w_in, w_out, activation, backend, shared_grads=shared)
+    return y
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_shared_weight_gradient_of_chunks(backend, activation):
+    """Chunks sharing one weight gradient: every gradient equals that of separate chunks, and so the formula's;
+    the weight gradient reaches autograd once (one chunk returns it), also on a second pass of a retained graph."""
+    x, row, counts, weight, w_in, w_out = _operands(activation)
+    dy = torch.randn(S, H)
+    leaves = [t.requires_grad_() for t in (x, weight, w_in, w_out)]
+    separate = torch.autograd.grad(_chunked(x, row, counts, weight, w_in, w_out, activation, backend, None),
+                                   leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, weight64, w_in64, w_out64 = leaves64
+    reference = torch.autograd.grad(_reference(x64, row, counts.tolist(), weight64, w_in64, w_out64, activation),
+                                    leaves64, dy.double())
+    shared = _RecordingGrads()
+    y = _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared)
+    for _ in range(2):  # the second pass: the count was reset by the first
+        got = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        for g, s_, r in zip(got, separate, reference):
+            torch.testing.assert_close(g, s_, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    assert shared.returned == [False, False, True] * 2
+
+
+def test_shared_weight_gradient_without_weight_grads():
+    """Frozen experts (weights not requiring grad): the chunks share nothing and return no weight gradient."""
+    x, row, counts, weight, w_in, w_out = _operands("swiglu")
+    x.requires_grad_()
+    shared = SharedWeightGrads()
+    y = _chunked(x, row, counts, weight, w_in, w_out, "swiglu", "loop", shared)
+    (dx,) = torch.autograd.grad(y, [x], torch.ones(S, H))
+    expected = torch.autograd.grad(_chunked(x, row, counts, weight, w_in, w_out, "swiglu", "loop", None), [x],
+                                   torch.ones(S, H))[0]
+    assert torch.equal(dx, expected)
+    assert shared.sums.d_w_in is None and shared.sums.d_w_out is None
 
 
 def test_gradcheck_in_float64():

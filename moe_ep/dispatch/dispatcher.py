@@ -43,6 +43,7 @@ import torch.distributed as dist
 from ..config import DISPATCHERS
 from ..dropping import DropRule, PairKeys
 from ..eplb.placement import Placement
+from ..expert_ffn import SharedWeightGrads
 from ..parallel.links import LinkRoute
 from ..parallel.state import ParallelState
 from ..router import destination_hits
@@ -145,7 +146,9 @@ class Dispatcher:
         the inner hops of chunk i overlap the first hops of the later chunks.
         Autograd runs the backward in the mirror order. The side work runs
         after the sends are issued (or after the combines without
-        ``overlap_shared``).
+        ``overlap_shared``). With more than one chunk the chunks' expert
+        calls share one weight gradient (``SharedWeightGrads``), so the
+        backward writes the expert weights' gradient once, not once per chunk.
         """
         outer, inner = self.levels[0], self.levels[1:]
         bounds = torch.linspace(0, rows.x_SH.shape[0], self.chunks + 1).round().long().tolist()
@@ -155,6 +158,7 @@ class Dispatcher:
                                [f"hop0.chunk{i}" for i in range(self.chunks)])
         hops, backs, processed = list(outer_hops), [], []
         side_out = None
+        shared_grads = SharedWeightGrads() if self.chunks > 1 else None
         sent = [hop.send(r.x_SH) for hop, r in zip(outer_hops, chunk_rows)]
         if side_work is not None and self.overlap_shared:
             side_out = side_work()
@@ -167,7 +171,7 @@ class Dispatcher:
                 hops.append(inner_hop)
                 stack.append((inner_hop, arrived.x_SH.shape[0]))
                 arrived = self._arrive(inner_hop.receive(inner_hop.send(arrived.x_SH)), rows.expert_SK.shape[1])
-            y_SH, count = self._experts(arrived, experts)
+            y_SH, count = self._experts(arrived, experts, shared_grads)
             processed.append(count)
             for inner_hop, n_src in reversed(stack):
                 y_SH = inner_hop.receive_back(inner_hop.send_back(y_SH), n_src)
@@ -191,11 +195,12 @@ class Dispatcher:
         return _Rows(x_SH, expert_SK, weight_SK, expert_SK >= 0)
 
     @staticmethod
-    def _experts(rows: _Rows, experts) -> tuple[torch.Tensor, torch.Tensor]:
+    def _experts(rows: _Rows, experts,
+                 shared_grads: Optional[SharedWeightGrads] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts on every valid (row, slot) pair of ``rows``, summed per row, and the pairs computed."""
         src_P, slot_P = rows.valid_SK.nonzero(as_tuple=True)
         y_SH = apply_experts(rows.x_SH, src_P, rows.expert_SK[src_P, slot_P], rows.weight_SK[src_P, slot_P],
-                             experts)
+                             experts, shared_grads)
         return y_SH, torch.tensor(src_P.numel(), device=rows.x_SH.device)
 
     @staticmethod

@@ -45,17 +45,18 @@ class DispatchResult:
 
 
 def apply_experts(x_SH: torch.Tensor, src_R: torch.Tensor, expert_R: torch.Tensor, weight_R: torch.Tensor,
-                  experts) -> torch.Tensor:
+                  experts, shared_grads=None) -> torch.Tensor:
     """Weighted expert outputs summed per source row.
 
         y_S[s] = sum_{r : src_R[r] = s} FFN_{expert_R[r]}(x_S[s]) * weight_R[r]
 
     The pairs are stably sorted by (local) expert; the experts read their rows
     of ``x_SH`` through that index (no gathered copy is kept for backward).
+    ``shared_grads``: the experts' ``SharedWeightGrads`` (moe_ep.expert_ffn) of this layer call's chunks.
     """
     order_R = torch.argsort(expert_R, stable=True)
     counts_E = torch.bincount(expert_R, minlength=experts.num_local_experts)
-    return experts(x_SH, src_R[order_R], counts_E, weight_R[order_R])
+    return experts(x_SH, src_R[order_R], counts_E, weight_R[order_R], shared_grads)
 
 
 def decide_keep(keys: PairKeys, rule: DropRule, owner_P: torch.Tensor, n_owners: int,

@@ -52,7 +52,7 @@ class SleepingExperts:
     def __init__(self, num_local_experts: int, seconds_per_row: float):
         self.num_local_experts, self.seconds_per_row = num_local_experts, seconds_per_row
 
-    def __call__(self, x_SH, row_R, counts_E, weight_R):
+    def __call__(self, x_SH, row_R, counts_E, weight_R, shared_grads=None):
         return _SleepingFFN.apply(x_SH, row_R, weight_R, self.seconds_per_row * row_R.numel())
 
 
