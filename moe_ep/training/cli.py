@@ -353,10 +353,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def check_pipeline_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig,
                              model: ModelConfig | None) -> None:
     """The schedule can run ``--grad-accum`` micro-batches at ``--pp-size``; ``--pp-layers`` gives each stage's
-    blocks of ``model``; ``--pp-overlap`` only with dualpipev; no ``--eplb-interval`` nor ``--save-hf``; with
-    ``--mtp-depth``, no schedule with a split backward (``mtp_problem``)."""
+    blocks of ``model``; ``--pp-overlap`` only with dualpipev; no ``--eplb-interval`` nor ``--save-hf``."""
     from ..models.pipeline import split_blocks
-    from .pipeline import SCHEDULES, mtp_problem, schedule_problem
+    from .pipeline import SCHEDULES, schedule_problem
 
     pipelined = args.pp_size > 1
     for flag in ("--pp-layers", "--pp-overlap"):
@@ -373,8 +372,7 @@ def check_pipeline_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.pp_overlap and args.pp_schedule != "dualpipev":
         parser.error(f"argument --pp-overlap: only --pp-schedule dualpipev pairs a forward with a backward, "
                      f"not {args.pp_schedule}")
-    problem = schedule_problem(args.pp_schedule, args.pp_size, config.grad_accum) or \
-        mtp_problem(args.pp_schedule, model.mtp_depth if model is not None else 0)
+    problem = schedule_problem(args.pp_schedule, args.pp_size, config.grad_accum)
     if problem:
         parser.error(f"argument --pp-schedule: {problem}")
     if model is not None:

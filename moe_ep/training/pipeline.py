@@ -21,9 +21,11 @@ the step a run at pp 1 takes. One step on every rank:
 MTP (``mtp_depth`` > 0, ``moe_ep.models.mtp``): the modules live on the last stage, whose schedule output is
 then its last block's output; the loss function runs the head and the MTP modules on it (CE + L_MTP in
 training, CE in validation; ``moe_ep.training.mtp``), so the MTP blocks' MoE layers run on the last stage.
-Not under zbv and dualpipev (``mtp_problem``): their split backward computes the weight gradients of each
-parameter group from saved intermediate gradients, and the embedding's group (its use at depth k > 1, or as the
+Under zbv and dualpipev the last stage then runs its whole backward at the input-gradient action and nothing at
+the weight action (``_full_backward``): torch's split backward computes the weight gradients of each parameter
+group from saved intermediate gradients, and with MTP the embedding's group (its use at depth k > 1, or as the
 tied head) reaches back through an earlier depth's block, whose graph another group's weight pass has freed.
+The other stages keep the split.
 
 With ``overlap_fb`` (dualpipev), each of DualPipeV's paired forward and backward runs interleaved at the MoE
 all-to-alls (``moe_ep.training.pipeline_overlap``). docs/pipeline.md has the layouts, flags and checks.
@@ -69,7 +71,6 @@ from .step import StepResult, cross_entropy, precision_autocast
 SCHEDULES = {"gpipe": (ScheduleGPipe, "loop", 1), "1f1b": (Schedule1F1B, "loop", 1),
              "interleaved-1f1b": (ScheduleInterleaved1F1B, "loop", 2), "zbv": (ScheduleZBVZeroBubble, "v", 2),
              "dualpipev": (ScheduleDualPipeV, "v", 2)}
-SPLIT_BACKWARD = ("zbv", "dualpipev")  # schedules with torch's zero-bubble input / weight backward actions
 
 
 class _AuxCarrier(torch.autograd.Function):
@@ -143,13 +144,10 @@ def schedule_problem(schedule: str, pp_size: int, n_micro: int, overlap_fb: bool
     return None
 
 
-def mtp_problem(schedule: str, mtp_depth: int) -> Optional[str]:
-    """Why ``schedule`` cannot train a model with ``mtp_depth`` MTP modules (module docstring), or None."""
-    if mtp_depth and schedule in SPLIT_BACKWARD:
-        return (f"{schedule} splits each backward into input and weight passes, whose weight pass cannot go back "
-                f"through the MTP modules' uses of the embedding; with --mtp-depth use gpipe, 1f1b or "
-                f"interleaved-1f1b")
-    return None
+def _full_backward():
+    """torch's ``dw_builder`` of a stage whose backward is not split: the input-gradient action runs the whole
+    backward (weights included), and the weight action runs this builder's runner, which has nothing left to do."""
+    return lambda: None
 
 
 def _block_index(path: str) -> int:
@@ -184,8 +182,7 @@ class PipelineTrainer(Trainer):
                  layer_counts: Optional[Sequence[int]] = None, overlap_fb: bool = False,
                  initial_state: Optional[dict] = None, mtp_weight: float = DEFAULT_MTP_WEIGHT):
         mtp_depth = model.mtp_depth if isinstance(model, ModelConfig) else 0
-        problem = schedule_problem(schedule, parallel.pp_size, cfg.grad_accum, overlap_fb) or \
-            mtp_problem(schedule, mtp_depth)
+        problem = schedule_problem(schedule, parallel.pp_size, cfg.grad_accum, overlap_fb)
         if problem:
             raise ValueError(problem)
         self.parallel, self.cfg, self.precision = parallel, cfg, cfg.precision
@@ -217,9 +214,11 @@ class PipelineTrainer(Trainer):
         self.depth, self.n_moe_layers, self.n_experts = self._moe_depths()
         for layer in moe_layers(self.model):
             layer.register_forward_hook(self._carry_aux)
-        runs = {i: _BlocksOnly(stage) if self.mtp_depth and i == n_stages - 1 else stage for i, stage in stages.items()}
+        mtp_stage = n_stages - 1 if self.mtp_depth else None
+        runs = {i: _BlocksOnly(stage) if i == mtp_stage else stage for i, stage in stages.items()}
         self.pipeline_stages = [_Stage(_Autocast(runs[i], cfg.precision), i, n_stages, device,
-                                       *self._stage_io(cfg, i), group=parallel.pp_group) for i in sorted(stages)]
+                                       *self._stage_io(cfg, i), group=parallel.pp_group,
+                                       dw_builder=_full_backward if i == mtp_stage else None) for i in sorted(stages)]
         loss_fn = self._mtp_loss if self.mtp_depth else cross_entropy
         kwargs = dict(n_microbatches=self.n_micro, loss_fn=loss_fn, scale_grads=False)
         self.schedule = cls(self.pipeline_stages[0] if per_rank == 1 else self.pipeline_stages, **kwargs)

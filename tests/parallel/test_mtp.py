@@ -1,11 +1,12 @@
 """Multi-token prediction under expert and pipeline parallelism (gloo, 2 processes): 2 training steps of a model
-with 2 MTP modules (MoE blocks, untied embeddings) equal the one-process run's within 1e-5 (per step: the
+of 4 blocks with 2 MTP modules (MoE blocks, untied embeddings) equal the one-process run's within 1e-5 (per step: the
 cross-entropy, the MTP loss and each depth's, the aux loss and the global grad norm; then the validation loss).
 
 * ep 2 (each rank its half of the global batch) against one process with the whole batch;
 * pp 2 x ep 1 under 1f1b (the last stage on its own rank, with its own copy of the embedding for the MTP
-  modules, gradients summed with the first stage's), 2 micro-batches, against one process with 2 micro-batches
-  (zbv and dualpipev are refused: tests/test_mtp.py).
+  modules, gradients summed with the first stage's), 2 micro-batches, and under zbv and dualpipev (4 stages, the
+  last one on rank 0 beside the first; their split backward, except the MTP stage's), 4 micro-batches, each
+  against one process with as many micro-batches.
 """
 import math
 
@@ -17,12 +18,13 @@ pytestmark = pytest.mark.timeout(240)
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 12, 2
 KEYS = ("ce", "aux", "grad_norm", "mtp", "mtp_1", "mtp_2")
+SCHEDULES = {"1f1b": 2, "zbv": 4, "dualpipev": 4}  # schedule: micro-batches per step
 
 
 def _config():
     from ..test_mtp import small_config
 
-    return small_config(mtp_depth=2)
+    return small_config(mtp_depth=2).replace(n_layers=4)  # a block for each of the V schedules' 4 stages
 
 
 def _train_config(data_ranks: int, grad_accum: int):
@@ -68,9 +70,12 @@ def _pp2(rank: int, world: int) -> dict:
     from moe_ep.training.pipeline import PipelineTrainer
 
     parallel = moe_ep.init_expert_parallel(ep_size=1, pp_size=2)
-    cfg = _train_config(1, 2)
-    return {"1f1b": _steps(PipelineTrainer(_config(), parallel, cfg, torch.device("cpu"), 0, "1f1b",
-                                           mtp_weight=0.3), cfg, parallel)}
+    out = {}
+    for schedule, micro in SCHEDULES.items():
+        cfg = _train_config(1, micro)
+        out[schedule] = _steps(PipelineTrainer(_config(), parallel, cfg, torch.device("cpu"), 0, schedule,
+                                               mtp_weight=0.3), cfg, parallel)
+    return out
 
 
 def _assert_same(got: list[dict], want: list[dict], what: str) -> None:
@@ -90,7 +95,8 @@ def test_mtp_at_ep2_and_pp2_equals_one_process():
             for a, b in zip(*ep_ranks)]  # each rank's own losses, over the same number of tokens
     _assert_same(mean, one, "ep 2")
 
-    one = _plain(ParallelState(), 1, 2)
+    one = {micro: _plain(ParallelState(), 1, micro) for micro in set(SCHEDULES.values())}
     for pp_rank, result in enumerate(run_on_ranks(_pp2, 2, timeout=200)):
+        assert set(result) == set(SCHEDULES)
         for schedule, steps in result.items():
-            _assert_same(steps, one, f"pp 2 {schedule} (pp rank {pp_rank})")
+            _assert_same(steps, one[SCHEDULES[schedule]], f"pp 2 {schedule} (pp rank {pp_rank})")
