@@ -169,7 +169,7 @@ def _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared):
     return y
 
 
-@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_shared_weight_gradient_of_chunks(backend, activation):
     """Chunks sharing one weight gradient: every gradient equals that of separate chunks, and so the formula's;
