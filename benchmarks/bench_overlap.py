@@ -98,10 +98,11 @@ def gemm_rate(hidden: int, ffn: int, rows: int, iters: int = 5) -> float:
     return -over_ranks([-rate], "max")[0]
 
 
-def link_speeds(rate: float, expert_forward_flops: float) -> dict:
-    """The emulated links for a GEMM rate and this layer's expert forward FLOPs per rank (module docstring)."""
-    scale = rate / H100_GEMM_FLOPS
-    latency_s = H100_LATENCY_S * (expert_forward_flops / rate) / V3_EXPERT_FORWARD_S
+def link_speeds(rate: float, expert_forward_flops: float, link_time: float = 1.0) -> dict:
+    """The emulated links for a GEMM rate and this layer's expert forward FLOPs per rank (module docstring), every
+    transfer taking ``link_time`` times as long (bandwidths divided by it, latency multiplied)."""
+    scale = rate / H100_GEMM_FLOPS / link_time
+    latency_s = H100_LATENCY_S * (expert_forward_flops / rate) / V3_EXPERT_FORWARD_S * link_time
     return dict(intranode_GBps=INTRANODE_BYTES_PER_S * scale / 1e9, internode_GBps=INTERNODE_BYTES_PER_S * scale / 1e9,
                 latency_us=latency_s * 1e6)
 
@@ -151,7 +152,7 @@ def run_layout(rank: int, world: int, nodes: int, args: dict) -> dict:
     state = init_expert_parallel(ep_size=world, nodes=nodes)
     H, I, E, K, T = args["hidden"], args["ffn"], args["experts"], args["top_k"], args["tokens"]
     rate = gemm_rate(H, I, T * K * world // E)
-    speeds = link_speeds(rate, T * K * 6 * H * I)
+    speeds = link_speeds(rate, T * K * 6 * H * I, args["link_time"])
     torch.manual_seed(0)
     base = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K)
     g = torch.Generator().manual_seed(rank)
@@ -259,13 +260,17 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=pathlib.Path)
     p.add_argument("--plot", type=pathlib.Path, help="folder for bench_overlap_timeline.png")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--link-time", type=float, default=1.0,
+                   help="every transfer this many times slower than the published ratios give (1.5: forward+backward "
+                        "communication about its compute, as the forward's is at 1)")
     args = p.parse_args(argv)
     if args.chunks[0] != 1 or any(c < 1 for c in args.chunks):
         p.error("--chunks must start with 1 (the serialized reference) and be positive")
     if args.quick:
         args.tokens, args.iters = 128, 3
     cfg = dict(hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=args.top_k, tokens=args.tokens,
-               chunks=args.chunks, iters=args.iters, warmup=args.warmup, plot=args.plot is not None)
+               chunks=args.chunks, iters=args.iters, warmup=args.warmup, plot=args.plot is not None,
+               link_time=args.link_time)
     records, timelines = [], {}
     for name in args.layouts:
         layout = LAYOUTS[name]
@@ -275,7 +280,8 @@ def main(argv=None) -> None:
     first = records[0]
     print(f"CPU GEMM rate {first['gemm_gflops']:.1f} GFLOP/s per rank -> emulated links: intra-node "
           f"{first['intranode_GBps'] * 1e3:.2f} MB/s, inter-node {first['internode_GBps'] * 1e3:.2f} MB/s, latency "
-          f"{first['latency_us'] / 1e3:.2f} ms (published ratios, module docstring)")
+          f"{first['latency_us'] / 1e3:.2f} ms (published ratios, module docstring"
+          f"{f'; transfers {args.link_time}x slower' if args.link_time != 1 else ''})")
     _table(records)
     machine = machine_description(torch.device("cpu"))
     if args.json:
