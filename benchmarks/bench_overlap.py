@@ -85,6 +85,9 @@ class _FreeExperts(torch.nn.Module):
     def forward(self, x_SH, row_R, counts_E, weight_R, shared_grads=None):
         return torch.zeros_like(x_SH).index_add_(0, row_R, x_SH[row_R] * weight_R.to(x_SH.dtype)[:, None])
 
+    def share_weight_grads(self, dtype):
+        return None  # no weights
+
 
 def gemm_rate(hidden: int, ffn: int, rows: int, iters: int = 5) -> float:
     """FLOP/s of the expert's first GEMM ``[rows, H] @ [H, 2I]`` with every rank running it at once (the slowest rank)."""
@@ -124,6 +127,7 @@ def _timeline(built: _Built, speeds: dict) -> dict:
     """One forward+backward under the links: link transfers and expert compute intervals (seconds from the start)."""
     spans = []
     forward, backward = expert_ffn._ExpertFFN.forward, expert_ffn._ExpertFFN.backward
+    weight_backward = expert_ffn._WeightGradPass.backward
 
     def timed(fn, label):
         def run(*args):
@@ -135,6 +139,7 @@ def _timeline(built: _Built, speeds: dict) -> dict:
 
     expert_ffn._ExpertFFN.forward = timed(forward, "experts")
     expert_ffn._ExpertFFN.backward = timed(backward, "experts.backward")
+    expert_ffn._WeightGradPass.backward = timed(weight_backward, "experts.weight_grad")
     try:
         torch.distributed.barrier()
         with emulated_links(**speeds) as links:
@@ -143,6 +148,7 @@ def _timeline(built: _Built, speeds: dict) -> dict:
             end = time.perf_counter()
     finally:
         expert_ffn._ExpertFFN.forward, expert_ffn._ExpertFFN.backward = forward, backward
+        expert_ffn._WeightGradPass.backward = weight_backward
     links_spans = [(label, begin - origin, stop - origin) for label, _, begin, stop in links.events]
     return dict(step_s=end - origin, links=links_spans, experts=[(l, a - origin, b - origin) for l, a, b in spans])
 
@@ -219,8 +225,9 @@ def plot_timelines(timelines: dict, path: pathlib.Path) -> pathlib.Path:
     panels = [(layout, c, t) for layout, per_c in timelines.items() for c, t in sorted(per_c.items())]
     fig = Figure(figsize=(11, 2.2 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    lanes = ["link: dispatch", "link: combine", "link: backward", "experts", "experts.backward"]
-    colors = dict(zip(lanes, ["tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:olive"]))
+    lanes = ["link: dispatch", "link: combine", "link: backward", "experts", "experts.backward",
+             "experts.weight_grad"]
+    colors = dict(zip(lanes, ["tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:olive", "tab:brown"]))
     for ax, (layout, c, t) in zip(axes, panels):
         for label, start, end in t["links"]:
             if label.endswith(".backward"):

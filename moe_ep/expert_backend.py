@@ -4,10 +4,11 @@ Rows are sorted by expert; expert e owns ``counts_E[e]`` consecutive rows.
 Every backend provides the two passes of ``moe_ep.expert_ffn``:
 
     ffn_forward(x_S, row_R, counts, weight_R, w_in, w_out, act, keep_pre) -> y_S, and h_R if kept
-    ffn_backward(dy_S, saved..., needs, into) -> d x_S, d weight_R, d w_in, d w_out
+    ffn_backward(dy_S, saved..., needs, defer) -> d x_S, d weight_R, d w_in, d w_out
 
-(``into``: a ``GradSums`` the weight gradients are added into instead of
-returned fresh: the overlap chunks of one layer call, ``moe_ep.expert_ffn``),
+(``defer``: record the weight products' operands through it instead of
+multiplying them, which ``wgrad`` / ``wgrad_add`` do later: the overlap
+chunks of one layer call, ``moe_ep.expert_ffn.SharedWeightGrads``),
 
 and the grouped products the grouped passes (``_GroupedPasses``) are made of:
 
@@ -15,6 +16,7 @@ and the grouped products the grouped passes (``_GroupedPasses``) are made of:
     up(x_S, row_R, counts, w_in, act, scale_R) -> a_R = scale_R * act(h_R), and h_R if kept
     mm(x_R, w, counts)[r]                      =  x_R[r] @ w[e(r)]        (any weight strides)
     wgrad(x_R, dy_R, counts)[e]                =  x_e^T @ dy_e            (zeros for empty experts)
+    wgrad_add(x_R, dy_R, counts, out)[e]       += x_e^T @ dy_e            (in place)
     down_backward(dy_R, h_R, w_out, scale_R, counts, act) -> dW_out, dh   (the backward through
         y = (scale * act(h)) W_out, and d scale; moe_ep/activations.py has the formulas)
 
@@ -50,8 +52,7 @@ torch, device or strides) raises ``ValueError`` saying why.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.torch_version import TorchVersion
@@ -147,24 +148,6 @@ def resolve_backend(requested: str, x: torch.Tensor, *weights: torch.Tensor, n_r
                           aligned=aligned)
 
 
-@dataclass
-class GradSums:
-    """Weight-gradient sums that backward passes add into: ``d_w_in`` ``[E, H, J]``, ``d_w_out`` ``[E, I, H]``.
-
-    None until the first pass writes it (that pass allocates it); a pass adds its products into a written one.
-    """
-
-    d_w_in: Optional[torch.Tensor] = None
-    d_w_out: Optional[torch.Tensor] = None
-
-    def add(self, d_w_in: Optional[torch.Tensor], d_w_out: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        """Add fresh gradients (None: not computed) into the sums, keeping the first ones as the buffers; the sums."""
-        self.d_w_in = d_w_in if self.d_w_in is None else (self.d_w_in if d_w_in is None else self.d_w_in.add_(d_w_in))
-        self.d_w_out = d_w_out if self.d_w_out is None else \
-            (self.d_w_out if d_w_out is None else self.d_w_out.add_(d_w_out))
-        return self.d_w_in, self.d_w_out
-
-
 class _GroupedPasses:
     """``ffn_forward`` / ``ffn_backward`` of moe_ep.expert_ffn from the backend's products over all rows at once.
 
@@ -186,40 +169,46 @@ class _GroupedPasses:
     def ffn_backward(self, dy_SH: torch.Tensor, x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor,
                      weight_R: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h_RJ: Optional[torch.Tensor],
                      activation: str, needs: tuple[bool, bool, bool, bool],
-                     into: Optional[GradSums] = None) -> tuple[Optional[torch.Tensor], ...]:
+                     defer: Optional[Callable] = None) -> tuple[Optional[torch.Tensor], ...]:
         """``(d x, d weight, d w_in, d w_out)`` (``d weight`` in x's dtype), None where ``needs`` (the same four
-        flags) is False; ``h_RJ`` None: recompute it. ``into``: add the weight gradients into its sums and
-        return those."""
+        flags) is False; ``h_RJ`` None: recompute it. ``defer(name, x_R, dy_R, counts)``: called with the
+        operands of the weight products (``w_out``, then ``w_in``) instead of multiplying them; ``d w_in`` and
+        ``d w_out`` are then None (the operands keep buffers of their own: no shared workspace)."""
         need_x, need_weight, need_w_in, need_w_out = needs
-        rows_RH = host_memory.empty((row_R.shape[0], x_SH.shape[1]), x_SH)  # gathered dY, x, then dx rows
+        rows_RH = host_memory.empty((row_R.shape[0], x_SH.shape[1]), x_SH) if defer is None else None  # dY, x, dx
         if h_RJ is None:  # not kept: the routed experts' activation checkpointing
             h_RJ = self.pre(x_SH, row_R, counts_E, w_in, workspace=rows_RH)
         scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
         dy_RH = torch.index_select(dy_SH, 0, row_R, out=rows_RH)
         d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
-        d_w_out, dh_RJ = self.down_backward(dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight, need_w_out)
+        d_w_out, dh_RJ = self.down_backward(dy_RH, h_RJ, w_out, scale_R1, counts_E, activation, d_weight, need_w_out,
+                                            self.wgrad if defer is None else functools.partial(defer, "w_out"))
         del dy_RH, h_RJ
-        d_w_in = self.wgrad(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
+        wgrad_in = self.wgrad if defer is None else functools.partial(defer, "w_in")
+        d_w_in = wgrad_in(torch.index_select(x_SH, 0, row_R, out=rows_RH), dh_RJ, counts_E) if need_w_in else None
         d_x = None
         if need_x:
             dx_RH = self.mm(dh_RJ, w_in.transpose(1, 2), counts_E, out=rows_RH)
             d_x = torch.zeros_like(x_SH).index_add_(0, row_R, dx_RH)
-        if into is not None:
-            d_w_in, d_w_out = into.add(d_w_in, d_w_out)
         return d_x, d_weight, d_w_in, d_w_out
 
     def down_backward(self, dy_RH: torch.Tensor, h_RJ: torch.Tensor, w_out: torch.Tensor, scale_R1: torch.Tensor,
                       counts_E: torch.Tensor, activation: str, d_weight_R: Optional[torch.Tensor],
-                      need_w_out: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """``(dW_out or None, dh)`` for ``y = (scale * act(h)) W_out`` given ``dY``; ``d scale`` into ``d_weight_R``.
+                      need_w_out: bool, wgrad: Callable) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(dW_out or None, dh)`` for ``y = (scale * act(h)) W_out`` given ``dY``; ``d scale`` into ``d_weight_R``;
+        ``wgrad``: ``self.wgrad``, or a recorder of its operands (``ffn_backward``'s ``defer``).
 
             dA~ = dY W_out^T    d scale = <dA~, act(h)>    dW_out[e] = (scale act(h))_e^T dY_e    dh = act'(h) scale dA~
         """
         da_RI = self.mm(dy_RH, w_out.transpose(1, 2), counts_E)
         act_RI = scaled_activation(h_RJ, da_RI, scale_R1, activation, d_weight_R)
-        d_w_out = self.wgrad(act_RI, dy_RH, counts_E) if need_w_out else None
+        d_w_out = wgrad(act_RI, dy_RH, counts_E) if need_w_out else None
         del act_RI
         return d_w_out, activation_grad(h_RJ, da_RI.mul_(scale_R1), activation)
+
+    def wgrad_add(self, x_RK: torch.Tensor, dy_RN: torch.Tensor, counts_E: torch.Tensor, out_EKN: torch.Tensor) -> None:
+        """``out[e] += x_e^T @ dy_e``: the product, then one add (backends that can accumulate in place override it)."""
+        out_EKN.add_(self.wgrad(x_RK, dy_RN, counts_E))
 
 
 class _GatherThenUp:
@@ -284,22 +273,27 @@ class LoopOps(_GatherThenUp, _GroupedPasses):
         _wgrad_per_expert(x_RK, dy_RN, counts_E.tolist(), dw_EKN)
         return dw_EKN
 
-    def ffn_backward(self, dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation, needs, into=None):
+    def wgrad_add(self, x_RK, dy_RN, counts_E, out_EKN):
+        _wgrad_per_expert(x_RK, dy_RN, counts_E.tolist(), out_EKN, accumulate=True)
+
+    def ffn_backward(self, dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation, needs,
+                     defer=None):
         """As ``_GroupedPasses.ffn_backward``, one block of consecutive experts at a time (``_expert_blocks``:
         at least ``_BLOCK_ELEMENTS`` elements of ``h`` each, so the element-wise steps are not paid per tiny
         expert): the block's rows of ``dY`` and ``x`` are gathered and go through the whole backward (``dA~``, the
         activation, ``dW_out``, ``dh``, ``dW_in``, ``dx``, the products one expert at a time) and are added into
         ``d x`` before the next block's. Besides ``h`` and the gradients no buffer spans all rows (with ``h_RJ``
-        None, ``h`` is recomputed one block at a time too). With ``into``, the weight-gradient products add into
-        its written sums (``addmm_``: no weight-sized temporary) and write the others."""
+        None, ``h`` is recomputed one block at a time too). With ``defer``, ``_GroupedPasses.ffn_backward``: the
+        recorded operands span all rows anyway."""
+        if defer is not None:
+            return super().ffn_backward(dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, activation,
+                                        needs, defer)
         need_x, need_weight, need_w_in, need_w_out = needs
         sizes = counts_E.tolist()  # one host read
         d_x = torch.zeros_like(x_SH) if need_x else None
         d_weight = x_SH.new_empty(row_R.shape[0]) if need_weight else None
-        add_in = into is not None and into.d_w_in is not None
-        add_out = into is not None and into.d_w_out is not None
-        d_w_in = (into.d_w_in if add_in else host_memory.empty(w_in.shape, w_in)) if need_w_in else None
-        d_w_out = (into.d_w_out if add_out else host_memory.empty(w_out.shape, w_out)) if need_w_out else None
+        d_w_in = host_memory.empty(w_in.shape, w_in) if need_w_in else None
+        d_w_out = host_memory.empty(w_out.shape, w_out) if need_w_out else None
         scale_R1 = weight_R.to(x_SH.dtype)[:, None]  # the gate weights as the forward applied them
         J, I = w_in.shape[2], w_out.shape[1]
         for first, end, lo, hi in _expert_blocks(sizes, J):
@@ -315,21 +309,17 @@ class LoopOps(_GatherThenUp, _GroupedPasses):
             act_b = scaled_activation(h_b, da_b, scale_b, activation, None if d_weight is None else d_weight[lo:hi],
                                       dot_chunk_elements=_BLOCK_ELEMENTS // 4)
             if need_w_out:
-                _wgrad_per_expert(act_b, dy_b, block, d_w_out[first:end], add_out)
+                _wgrad_per_expert(act_b, dy_b, block, d_w_out[first:end])
             del act_b
             dh_b = activation_grad(h_b, da_b.mul_(scale_b), activation)
             del da_b, h_b  # with GELU dh is written over dA~
             if need_w_in:  # x's rows gathered only now: fewer rows of the block alive at once
                 x_b = x_SH.index_select(0, row_b) if x_b is None else x_b
-                _wgrad_per_expert(x_b, dh_b, block, d_w_in[first:end], add_in)
+                _wgrad_per_expert(x_b, dh_b, block, d_w_in[first:end])
             del x_b
             if need_x:  # dx rows into dY's buffer, which is done with
                 d_x.index_add_(0, row_b, _mm_per_expert(dh_b, w_in[first:end].transpose(1, 2), block, dy_b))
             del dh_b, dy_b  # before the next block's buffers
-        if into is not None:  # a written buffer becomes the sum (an added one already is)
-            into.d_w_in = d_w_in if need_w_in else into.d_w_in
-            into.d_w_out = d_w_out if need_w_out else into.d_w_out
-            return d_x, d_weight, into.d_w_in, into.d_w_out
         return d_x, d_weight, d_w_in, d_w_out
 
 
@@ -352,6 +342,11 @@ class TorchOps(_GatherThenUp, _GroupedPasses):
         if x_RK.device.type == "cpu":
             return _OPS["loop"].wgrad(x_RK, dy_RN, counts_E)
         return torch._grouped_mm(x_RK.t(), dy_RN, offs=self._offsets(counts_E))
+
+    def wgrad_add(self, x_RK, dy_RN, counts_E, out_EKN):
+        if x_RK.device.type == "cpu":
+            return _OPS["loop"].wgrad_add(x_RK, dy_RN, counts_E, out_EKN)
+        return super().wgrad_add(x_RK, dy_RN, counts_E, out_EKN)
 
 
 class TritonOps(_GroupedPasses):

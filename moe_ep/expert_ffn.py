@@ -36,7 +36,8 @@ to x's dtype.
 
 Several calls on the same weights (the overlap chunks of one layer call)
 can share one weight gradient (``SharedWeightGrads``): each call's backward
-adds ``dW_in``, ``dW_out`` into one sum and the last to run returns it.
+computes ``dx`` and ``d weight`` and records the operands of its weight
+products, and one later node multiplies them all into one ``dW_in``, ``dW_out``.
 
 Both passes are the backend's (``moe_ep.expert_backend``). Triton and torch
 run each step over all rows with grouped products (Triton fuses the gather,
@@ -54,47 +55,93 @@ from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 from .activations import ACTIVATIONS
-from .expert_backend import GradSums, grouped_ops
+from .expert_backend import grouped_ops
 from .precision import autocast_off
 
 EXPERTS_LABEL = "moe_ep.experts"  # torch.profiler range of the forward (and of the backward, + ".backward")
 
 
 class SharedWeightGrads:
-    """One weight gradient for several ``expert_ffn`` calls on the same weights: the overlap chunks of one layer call.
+    """One weight gradient for several ``expert_ffn`` calls on the same weights, taken after all of their backwards.
 
-    Alone, each of c calls returns a fresh ``dW_in`` ``[E, H, J]`` and ``dW_out`` ``[E, I, H]`` from its
-    backward and autograd adds the c of them: c weight-sized buffers (on CPU new memory each, page faults
-    included: docs/performance.md) and c - 1 adds, a cost that grows with c while the rest of the backward does
-    not. Shared, every call's backward adds its products into one sum (the loop backend with ``addmm_``, no
-    temporary; the grouped ones add their result) and the last call to run its backward returns
+    The overlap chunks of one layer call (``moe_ep.dispatch.Dispatcher``) multiply the same expert weights. Alone,
+    each chunk's backward would compute ``dW_in`` ``[E, H, J]`` and ``dW_out`` ``[E, I, H]`` from its rows before
+    returning ``dx`` (so before its gradient can travel back), each into a fresh weight-sized buffer (on CPU
+    new memory, page faults included: docs/performance.md), and autograd would add the c of them. Shared:
 
-        dW = sum over the calls i of dW_i
+    * ``SharedWeightGrads(w_in, w_out)`` puts one node (``_WeightGradPass``, the identity in the forward) between
+      the weights and every call, and the calls take its outputs ``.w_in``, ``.w_out`` as their weights;
+    * each call's backward computes only ``dx`` and ``d weight`` (what its return trip waits for) and records
+      the operands of its two weight products (its rows' ``scale * act(h)``, ``dY``, ``x``, ``dh``);
+    * that node's backward, which autograd runs once every call's backward has run, multiplies them:
 
-    while the others return None (no gradient) for the weights, so autograd sees one tensor.
+          dW = sum over the calls i of dW_i      (the first call's products written, the others' added in place)
 
-    Contract: the calls register in their forward (``expert_ffn`` registers those a backward follows), and
-    every backward pass runs the backward of every registered call (true when their outputs meet in one graph,
-    as the chunks do in the combine). A pass that completes resets the count, so a retained graph can be
-    back-propagated again.
+    The node is created where the dispatcher has issued every chunk's first hop and before it receives the
+    first one, so in the backward (autograd runs ready nodes in reverse creation order) it runs after the last
+    chunk's gradient has been sent back and before that send is waited for: the weight products fill the
+    pipeline's drain, as zero-bubble schedules place their W passes. The recorded operands wait for it: as
+    many rows as one unchunked backward holds at once.
+
+    Each call records into a slot of its own (``register``), replaced when its backward runs again: a second
+    pass over a retained graph, or the weight pass of a split backward (zbv, dualpipev), which reruns the
+    calls' backwards before this node's, multiplies what the last run recorded.
     """
 
-    def __init__(self):
-        self.sums = GradSums()
-        self._registered = self._pending = 0
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
+        self._recorded: dict[int, dict[str, tuple]] = {}
+        self._calls = 0
+        self.w_in, self.w_out = _WeightGradPass.apply(w_in, w_out, self)
 
-    def register(self) -> None:
-        self._registered += 1
-        self._pending += 1
+    def register(self) -> int:
+        """A slot for one call's recorded operands."""
+        self._calls += 1
+        return self._calls - 1
 
-    def backward_done(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """After one registered call's backward added its part: ``(dW_in, dW_out)`` when it was the last of this
-        pass (the sums, handed over), else ``(None, None)``."""
-        self._pending -= 1
-        if self._pending:
-            return None, None
-        sums, self.sums, self._pending = self.sums, GradSums(), self._registered
-        return sums.d_w_in, sums.d_w_out
+    def recorder(self, slot: int, ops):
+        """``defer`` of ``ops.ffn_backward`` for the call of ``slot``: ``record(name, a_R, b_R, counts_E)``."""
+        products = self._recorded[slot] = {}
+
+        def record(name: str, a_RK: torch.Tensor, b_RN: torch.Tensor, counts_E: torch.Tensor) -> None:
+            products[name] = (ops, a_RK, b_RN, counts_E)
+        return record
+
+    def products(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(dW_in, dW_out)`` over the recorded calls (None where none recorded that product); clears them."""
+        recorded, self._recorded = list(self._recorded.values()), {}
+        grads = []
+        for name in ("w_in", "w_out"):
+            parts = [products[name] for products in recorded if name in products]
+            total = None
+            for ops, a_RK, b_RN, counts_E in parts:
+                if total is None:
+                    total = ops.wgrad(a_RK, b_RN, counts_E)
+                else:
+                    ops.wgrad_add(a_RK, b_RN, counts_E, total)
+            grads.append(total)
+        return grads[0], grads[1]
+
+
+class _WeightGradPass(torch.autograd.Function):
+    """The identity on the weights; its backward returns ``SharedWeightGrads.products()`` (plus any gradient that
+    reached it another way)."""
+
+    @staticmethod
+    def forward(ctx, w_in, w_out, shared):
+        ctx.shared = shared
+        ctx.set_materialize_grads(False)  # the calls pass no gradient: no weight-sized zeros
+        return w_in.view_as(w_in), w_out.view_as(w_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_w_in, d_w_out):
+        with record_function(EXPERTS_LABEL + ".weight_grad"):
+            got_in, got_out = ctx.shared.products()
+        return _plus(got_in, d_w_in), _plus(got_out, d_w_out), None
+
+
+def _plus(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return b if a is None else (a if b is None else a.add_(b))
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -105,8 +152,7 @@ class _ExpertFFN(torch.autograd.Function):
             y_SH, h_RJ = ops.ffn_forward(x_SH, row_R, counts_E, weight_R, w_in, w_out, activation, keep_pre)
         ctx.save_for_backward(x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ)
         ctx.ops, ctx.activation, ctx.shared = ops, activation, shared
-        if shared is not None:
-            shared.register()
+        ctx.slot = shared.register() if shared is not None else None
         return y_SH
 
     @staticmethod
@@ -115,12 +161,10 @@ class _ExpertFFN(torch.autograd.Function):
         with autocast_off(dy_SH.device.type), record_function(EXPERTS_LABEL + ".backward"):
             x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ = ctx.saved_tensors
             need_x, _, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:6]
-            shared = ctx.shared
+            defer = None if ctx.shared is None else ctx.shared.recorder(ctx.slot, ctx.ops)
             d_x, d_weight, d_w_in, d_w_out = ctx.ops.ffn_backward(
                 dy_SH, x_SH, row_R, counts_E, weight_R, w_in, w_out, h_RJ, ctx.activation,
-                (need_x, need_weight, need_w_in, need_w_out), None if shared is None else shared.sums)
-            if shared is not None:
-                d_w_in, d_w_out = shared.backward_done()
+                (need_x, need_weight, need_w_in, need_w_out), defer)
         d_weight = d_weight.to(weight_R.dtype) if need_weight else None
         return d_x, None, None, d_weight, d_w_in, d_w_out, None, None, None, None
 
@@ -141,7 +185,8 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
         recompute: do not keep the pre-activations for backward; recompute them.
             Without a backward to come (grad mode off, or no input requiring
             grad) they are never kept.
-        shared_grads: sum the weight gradients with those of the other calls sharing it (``SharedWeightGrads``).
+        shared_grads: take the weight gradient with the other calls sharing it (``SharedWeightGrads``); ``w_in``
+            and ``w_out`` must then be its ``.w_in`` and ``.w_out``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_ffn: unknown activation {activation!r}; choose from {ACTIVATIONS}")
@@ -157,6 +202,8 @@ def expert_ffn(x_SH: torch.Tensor, row_R: torch.Tensor, counts_E: torch.Tensor, 
     if w_in.dtype != x_SH.dtype or w_out.dtype != x_SH.dtype:
         raise ValueError(f"expert_ffn: x is {x_SH.dtype} but w_in is {w_in.dtype} and w_out {w_out.dtype}; "
                          f"cast the weights to x's dtype (the compute dtype)")
+    if shared_grads is not None and (w_in is not shared_grads.w_in or w_out is not shared_grads.w_out):
+        raise ValueError("expert_ffn: with shared_grads, pass its .w_in and .w_out as the weights")
     ops = grouped_ops(backend, x_SH, row_R.numel(), w_in, w_out)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x_SH, weight_R, w_in, w_out))
     with autocast_off(x_SH.device.type):

@@ -52,10 +52,22 @@ class RoutedExperts(nn.Module):
         ``row_R`` lists the source row of each (row, expert) pair sorted by
         local expert, ``counts_E`` pairs per expert; returns ``[S, H]``.
         ``shared_grads``: one weight gradient for this call and the others
-        sharing it (the overlap chunks of one layer call).
+        sharing it (the overlap chunks of one layer call; ``share_weight_grads``).
         """
-        return expert_ffn(x_SH, row_R, counts_E, weight_R, self.w_in.to(x_SH.dtype), self.w_out.to(x_SH.dtype),
-                          self.activation, self.backend, self.recompute, shared_grads)
+        if shared_grads is not None:
+            w_in, w_out = shared_grads.w_in, shared_grads.w_out
+        else:
+            w_in, w_out = self.w_in.to(x_SH.dtype), self.w_out.to(x_SH.dtype)
+        return expert_ffn(x_SH, row_R, counts_E, weight_R, w_in, w_out, self.activation, self.backend,
+                          self.recompute, shared_grads)
+
+    def share_weight_grads(self, dtype: torch.dtype) -> Optional[SharedWeightGrads]:
+        """The weights in ``dtype`` for several calls that take one weight gradient (``SharedWeightGrads``: the
+        overlap chunks of one layer call, created where the dispatcher has sent every chunk); None when no
+        weight gradient will be taken (grad mode off, or frozen weights)."""
+        if not (torch.is_grad_enabled() and (self.w_in.requires_grad or self.w_out.requires_grad)):
+            return None
+        return SharedWeightGrads(self.w_in.to(dtype), self.w_out.to(dtype))
 
     def padded(self, x_ENH: torch.Tensor) -> torch.Tensor:
         """``y_EN = act(x_EN W_in[e]) W_out[e]``: N rows of every local expert, as batched matmuls, no gate weight.

@@ -146,22 +146,11 @@ def test_second_backward_through_a_retained_graph(backend, activation):
         assert torch.equal(a, b)
 
 
-class _RecordingGrads(SharedWeightGrads):
-    """Records, per chunk backward, whether it handed the weight gradients to autograd."""
-
-    def __init__(self):
-        super().__init__()
-        self.returned = []
-
-    def backward_done(self):
-        d_w_in, d_w_out = super().backward_done()
-        self.returned.append(d_w_in is not None and d_w_out is not None)
-        return d_w_in, d_w_out
-
-
 def _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared):
     """The rows in three chunks (one of them empty), each an ``expert_ffn`` call; the chunks' outputs summed."""
     expert_R = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    if shared is not None:
+        w_in, w_out = shared.w_in, shared.w_out
     y = torch.zeros_like(x)
     for part in (slice(0, 5), slice(5, 5), slice(5, None)):
         y = y + expert_ffn(x, row[part], torch.bincount(expert_R[part], minlength=len(counts)), weight[part],
@@ -172,8 +161,9 @@ def _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_shared_weight_gradient_of_chunks(backend, activation):
-    """Chunks sharing one weight gradient: every gradient equals that of separate chunks, and so the formula's;
-    the weight gradient reaches autograd once (one chunk returns it), also on a second pass of a retained graph."""
+    """Chunks sharing one weight gradient: every gradient equals that of separate chunks, and so the formula's,
+    also on a second pass over a retained graph; the chunks' backwards return no weight gradient of their own
+    (one product pass after them does)."""
     x, row, counts, weight, w_in, w_out = _operands(activation)
     dy = torch.randn(S, H)
     leaves = [t.requires_grad_() for t in (x, weight, w_in, w_out)]
@@ -183,27 +173,26 @@ def test_shared_weight_gradient_of_chunks(backend, activation):
     x64, weight64, w_in64, w_out64 = leaves64
     reference = torch.autograd.grad(_reference(x64, row, counts.tolist(), weight64, w_in64, w_out64, activation),
                                     leaves64, dy.double())
-    shared = _RecordingGrads()
+    shared = SharedWeightGrads(w_in, w_out)
     y = _chunked(x, row, counts, weight, w_in, w_out, activation, backend, shared)
-    for _ in range(2):  # the second pass: the count was reset by the first
+    for _ in range(2):
         got = torch.autograd.grad(y, leaves, dy, retain_graph=True)
         for g, s_, r in zip(got, separate, reference):
             torch.testing.assert_close(g, s_, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
-    assert shared.returned == [False, False, True] * 2
+    # the input pass of a split backward: the chunks run and record, the product pass does not run ...
+    torch.autograd.grad(y, [x], dy, retain_graph=True)
+    # ... and the weight pass reruns them: what they recorded again replaces the first records
+    got = torch.autograd.grad(y, [w_in, w_out], dy)
+    torch.testing.assert_close(got[0], separate[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], separate[3], rtol=1e-6, atol=1e-6)
 
 
-def test_shared_weight_gradient_without_weight_grads():
-    """Frozen experts (weights not requiring grad): the chunks share nothing and return no weight gradient."""
+def test_shared_weights_must_be_the_shared_ones():
     x, row, counts, weight, w_in, w_out = _operands("swiglu")
-    x.requires_grad_()
-    shared = SharedWeightGrads()
-    y = _chunked(x, row, counts, weight, w_in, w_out, "swiglu", "loop", shared)
-    (dx,) = torch.autograd.grad(y, [x], torch.ones(S, H))
-    expected = torch.autograd.grad(_chunked(x, row, counts, weight, w_in, w_out, "swiglu", "loop", None), [x],
-                                   torch.ones(S, H))[0]
-    assert torch.equal(dx, expected)
-    assert shared.sums.d_w_in is None and shared.sums.d_w_out is None
+    shared = SharedWeightGrads(w_in.requires_grad_(), w_out.requires_grad_())
+    with pytest.raises(ValueError, match="pass its .w_in and .w_out"):
+        expert_ffn(x, row, counts, weight, w_in, w_out, "swiglu", "loop", shared_grads=shared)
 
 
 def test_gradcheck_in_float64():

@@ -43,7 +43,6 @@ import torch.distributed as dist
 from ..config import DISPATCHERS
 from ..dropping import DropRule, PairKeys
 from ..eplb.placement import Placement
-from ..expert_ffn import SharedWeightGrads
 from ..parallel.links import LinkRoute
 from ..parallel.state import ParallelState
 from ..router import destination_hits
@@ -147,8 +146,10 @@ class Dispatcher:
         Autograd runs the backward in the mirror order. The side work runs
         after the sends are issued (or after the combines without
         ``overlap_shared``). With more than one chunk the chunks' expert
-        calls share one weight gradient (``SharedWeightGrads``), so the
-        backward writes the expert weights' gradient once, not once per chunk.
+        calls share one weight gradient (``experts.share_weight_grads``,
+        ``moe_ep.expert_ffn.SharedWeightGrads``), opened after the sends: its
+        weight products run in the backward once every chunk's gradient has
+        been sent back, while the last of them travels.
         """
         outer, inner = self.levels[0], self.levels[1:]
         bounds = torch.linspace(0, rows.x_SH.shape[0], self.chunks + 1).round().long().tolist()
@@ -158,8 +159,8 @@ class Dispatcher:
                                [f"hop0.chunk{i}" for i in range(self.chunks)])
         hops, backs, processed = list(outer_hops), [], []
         side_out = None
-        shared_grads = SharedWeightGrads() if self.chunks > 1 else None
         sent = [hop.send(r.x_SH) for hop, r in zip(outer_hops, chunk_rows)]
+        shared_grads = experts.share_weight_grads(rows.x_SH.dtype) if self.chunks > 1 else None
         if side_work is not None and self.overlap_shared:
             side_out = side_work()
         for i, (hop, pending) in enumerate(zip(outer_hops, sent)):
@@ -195,8 +196,7 @@ class Dispatcher:
         return _Rows(x_SH, expert_SK, weight_SK, expert_SK >= 0)
 
     @staticmethod
-    def _experts(rows: _Rows, experts,
-                 shared_grads: Optional[SharedWeightGrads] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _experts(rows: _Rows, experts, shared_grads=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts on every valid (row, slot) pair of ``rows``, summed per row, and the pairs computed."""
         src_P, slot_P = rows.valid_SK.nonzero(as_tuple=True)
         y_SH = apply_experts(rows.x_SH, src_P, rows.expert_SK[src_P, slot_P], rows.weight_SK[src_P, slot_P],

@@ -55,6 +55,9 @@ class SleepingExperts:
     def __call__(self, x_SH, row_R, counts_E, weight_R, shared_grads=None):
         return _SleepingFFN.apply(x_SH, row_R, weight_R, self.seconds_per_row * row_R.numel())
 
+    def share_weight_grads(self, dtype):
+        return None  # no weights
+
 
 def hidden_by_chunks(rank: int, world: int, chunks: list[int], compute_s: float) -> dict:
     """The exposed link time of a forward+backward through the flat dispatcher (2 emulated nodes) per chunk count.
