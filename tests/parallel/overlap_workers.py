@@ -91,3 +91,36 @@ def hidden_by_chunks(rank: int, world: int, chunks: list[int], compute_s: float)
     return {c: dict(forward_exposed=r["forward_exposed"], exposed=r["exposed"], elapsed=r["elapsed"],
                     err=max((r[k] - ref[k]).abs().max().item() for k in ("y", "dx", "dw")))
             for c, r in out.items()}
+
+
+def weight_pass_timing(rank: int, world: int, chunks: int) -> dict:
+    """When the chunks' shared weight-gradient pass runs in a layer's backward, against the backward's transfers.
+
+    A real ``MoELayer`` (flat dispatch over 2 emulated nodes, ``chunks`` chunks) runs forward+backward on links
+    slow enough (20 ms latency) that every transfer outlasts the compute; returns the pass's start and every
+    backward transfer's issue and end times.
+    """
+    from moe_ep import expert_ffn
+
+    state = moe_ep.init_expert_parallel(ep_size=world, nodes=world)
+    torch.manual_seed(0)
+    cfg = moe_ep.MoEConfig(hidden_size=32, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+                           overlap_chunks=chunks)
+    layer = moe_ep.MoELayer(cfg, state)
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    starts = []
+    weight_backward = expert_ffn._WeightGradPass.backward
+
+    def timed(ctx, *grads):
+        starts.append(time.perf_counter())
+        return weight_backward(ctx, *grads)
+
+    expert_ffn._WeightGradPass.backward = staticmethod(timed)
+    try:
+        torch.distributed.barrier()
+        with emulated_links(intranode_GBps=1.0, internode_GBps=1.0, latency_us=20_000) as links:
+            layer(x).square().sum().backward()
+    finally:
+        expert_ffn._WeightGradPass.backward = weight_backward
+    backward = [(issued, end) for label, issued, _, end in links.events if label.endswith(".backward")]
+    return dict(starts=starts, backward=backward, grads=all(p.grad is not None for p in layer.parameters()))

@@ -31,6 +31,15 @@ def test_pipelined_dispatch_hides_most_of_the_link_time():
         assert chunked["elapsed"] < serial["elapsed"], r
 
 
+def test_weight_pass_runs_while_the_last_gradient_travels():
+    """The chunks' shared weight-gradient pass runs once per layer backward, after every backward transfer is
+    issued and before the last of them arrives (autograd's order of ready nodes; moe_ep.expert_ffn)."""
+    for r in run_on_ranks(workers.weight_pass_timing, 2, 3, timeout=120):
+        (start,) = r["starts"]
+        assert r["grads"] and len(r["backward"]) == 3 * 3, r  # per chunk: its combine, rows and routing rows
+        assert max(issued for issued, _ in r["backward"]) <= start < max(end for _, end in r["backward"]), r
+
+
 @pytest.mark.parametrize("bad,field", [(dict(intranode_GBps=0, internode_GBps=1), "intranode_GBps"),
                                        (dict(intranode_GBps=1, internode_GBps=-2), "internode_GBps"),
                                        (dict(intranode_GBps=1, internode_GBps=1, latency_us=-1), "latency_us"),
