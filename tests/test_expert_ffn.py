@@ -261,3 +261,17 @@ def test_pre_activations_are_kept_only_when_a_backward_can_follow(monkeypatch, b
     expert_ffn(x.detach(), row, counts, weight.requires_grad_(), w_in, w_out, "swiglu", backend)
     expert_ffn(x.detach(), row, counts, weight, w_in, w_out, "swiglu", backend, recompute=True)
     assert seen == [False, False, True, False]
+
+
+def test_routed_experts_share_weights_only_when_a_weight_gradient_follows():
+    from moe_ep import MoEConfig
+    from moe_ep.experts import RoutedExperts
+
+    experts = RoutedExperts(MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4,
+                                      num_experts_per_tok=2), 2)
+    shared = experts.share_weight_grads(torch.bfloat16)
+    assert shared.w_in.dtype == torch.bfloat16 and shared.w_in.requires_grad
+    with torch.no_grad():
+        assert experts.share_weight_grads(torch.float32) is None
+    experts.requires_grad_(False)
+    assert experts.share_weight_grads(torch.float32) is None
