@@ -13,7 +13,7 @@ run.
 
     python benchmarks/bench_layer.py --json docs/data/bench_layer_cpu.json --plot docs/img
     python benchmarks/bench_layer.py --quick                 # < 3 min on 2 idle cores
-    python benchmarks/bench_layer.py --profile --ep 1 2      # torch.profiler over moe_ep, top ops
+    python benchmarks/bench_layer.py --profile --ep 1 2      # torch.profiler over moe_ep (or --impls), top ops
     python benchmarks/bench_layer.py --device cuda --ep 1    # on a GPU
 
 benchmarks/README.md lists every flag.
@@ -105,14 +105,14 @@ def _memory_rank(rank: int, world: int, opts: dict, impl: str) -> list[dict]:
     return out
 
 
-def _profile_rank(rank: int, world: int, opts: dict) -> str:
-    """torch.profiler tables (top ops by self CPU time) of moe_ep's forward and forward+backward."""
+def _profile_rank(rank: int, world: int, opts: dict, impl: str) -> str:
+    """torch.profiler tables (top ops by self CPU time) of ``impl``'s forward and forward+backward."""
     from torch.profiler import ProfilerActivity, profile
 
     name, spec, weights, x_TH, dtype_name, ctx = next(_cases(rank, world, opts, [world]))
-    built = build_moe_ep(spec, weights, ctx, x_TH)
+    built = IMPLS[impl](spec, weights, ctx, x_TH)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-    text = [f"== moe_ep {spec.label}, ep {world}, {dtype_name}, {spec.tokens} tokens/rank, rank {rank} =="]
+    text = [f"== {impl} {spec.label}, ep {world}, {dtype_name}, {spec.tokens} tokens/rank, rank {rank} =="]
     for title, step in (("forward (no grad)", forward_only), ("forward+backward", forward_backward)):
         for _ in range(opts["warmup"] + 1):
             step(built)
@@ -204,7 +204,8 @@ def parse_args(argv=None) -> dict:
                    help="expert-parallel sizes, one process per rank (default 1 2)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                    help="default: fp32 bf16 (--quick, --profile: fp32)")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS), help="default: all")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=None,
+                   help="default: all (--profile: moe_ep)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per rank, NCCL")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 7; --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick 1)")
@@ -232,6 +233,7 @@ def parse_args(argv=None) -> dict:
     opts["ep"] = sorted(set(opts["ep"]))
     light = opts["quick"] or opts["profile"]
     opts["configs"] = opts["configs"] or (["e64k6"] if opts["profile"] else list(CONFIGS))
+    opts["impls"] = opts["impls"] or (["moe_ep"] if opts["profile"] else list(IMPLS))
     opts["dtypes"] = opts["dtypes"] or (["fp32"] if light else list(DTYPES))
     opts["iters"] = opts["iters"] if opts["iters"] is not None else (3 if light else 7)
     opts["warmup"] = opts["warmup"] if opts["warmup"] is not None else (1 if light else 2)
@@ -250,7 +252,8 @@ def main(argv=None) -> None:
     opts = parse_args(argv)
     if opts["profile"]:
         for ep in opts["ep"]:
-            print(_launch(_profile_rank, ep, opts)[0])
+            for impl in opts["impls"]:
+                print(_launch(_profile_rank, ep, opts, impl)[0])
         return
     records, machine = run_benchmark(opts)
     for r in records:
