@@ -16,12 +16,14 @@ ACTIVATIONS = ("swiglu", "gelu")
 _DOT_CHUNK_ELEMENTS = 1 << 22  # products of at most 16 MiB (fp32) alive at once
 
 
-def activate(h_RJ: torch.Tensor, activation: str) -> torch.Tensor:
-    """SwiGLU on ``[gate | up]`` halves, or exact GELU."""
+def activate(h_RJ: torch.Tensor, activation: str, overwrite: bool = False) -> torch.Tensor:
+    """SwiGLU on ``[gate | up]`` halves, or exact GELU. ``overwrite``: ``h`` is not needed afterwards; GELU
+    then writes its result over ``h`` (no second ``[R, I]`` buffer, which on CPU is fresh, page-faulted
+    memory once it is large), SwiGLU still returns a new ``[R, I]``."""
     if activation == "swiglu":
         gate, up = h_RJ.chunk(2, dim=-1)
         return F.silu(gate) * up
-    return F.gelu(h_RJ)
+    return torch.ops.aten.gelu_(h_RJ) if overwrite else F.gelu(h_RJ)
 
 
 def activation_grad(h_RJ: torch.Tensor, da_RI: torch.Tensor, activation: str,

@@ -225,7 +225,7 @@ class _GatherThenUp:
            workspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         h_RJ = self.pre(x_SH, row_R, counts_E, w_in, workspace)
         # the scale in the rows' dtype: a mixed-dtype in-place multiply takes a slow casting path on CPU
-        a_RI = activate(h_RJ, activation).mul_(scale_R.to(h_RJ.dtype)[:, None])
+        a_RI = activate(h_RJ, activation, overwrite=not keep_pre).mul_(scale_R.to(h_RJ.dtype)[:, None])
         return a_RI, (h_RJ if keep_pre else None)
 
 
