@@ -74,9 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pp_size != 1:
         p.error("argument --pp-size: pipeline parallelism runs under launch/train.py (torch.distributed.pipelining), "
                 "not DeepSpeed's engine; see docs/pipeline.md and docs/deepspeed.md")
-    if args.mtp_depth:
-        p.error("argument --mtp-depth: multi-token prediction runs under launch/train.py; launch/ds_train.py does not "
-                "train MTP modules")
     model = check_model_arguments(p, args)
     with blame(p, "--deepspeed_config"):
         ds_config = read_ds_config(args.deepspeed_config)

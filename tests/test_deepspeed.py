@@ -11,7 +11,7 @@
   them, state dict layout and round trips, optimizer groups, unwrap.
 * launch/ds_train.py under the deepspeed launcher writes the same
   metrics.jsonl as launch/train.py under torchrun (both with gradient
-  accumulation and activation checkpointing).
+  accumulation, activation checkpointing and one MTP module).
 
 Every distributed run has a hard timeout (``run_on_ranks`` / subprocess
 timeouts) so a hang fails fast. The first DeepSpeed start on a machine
@@ -131,10 +131,11 @@ def _run(cmd: list[str], timeout: float) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+# one MTP module in every run: MTP under DeepSpeed equals MTP under launch/train.py
 COMMON = ["--steps", "4", "--seq-len", "32", "--warmup", "2", "--ep-size", "2", "--log-every", "2", "--val-every", "2",
-          "--val-batches", "1", "--max-data-bytes", str(1 << 18), "--activation-checkpointing"]
+          "--val-batches", "1", "--max-data-bytes", str(1 << 18), "--activation-checkpointing", "--mtp-depth", "1"]
 COMPARED = ("loss", "aux_loss", "grad_norm", "val_loss", "lr", "max_vio", "dropped_frac", "routed_pairs", "processed_pairs",
-            "dropped_pairs")
+            "dropped_pairs", "mtp_loss", "mtp_1_loss")
 
 
 def _records(out: Path) -> list[dict]:
@@ -179,6 +180,8 @@ def test_ds_train_writes_the_plain_runs_metrics(plain_run, tmp_path):
     _ds_train(_ds_config(tmp_path, 1), tmp_path / "ds")
     ds, plain = _records(tmp_path / "ds"), _records(plain_run)
     assert [r["step"] for r in ds] == [r["step"] for r in plain] == [0, 2, 4]
+    trained = [r for r in ds if r["step"] > 0]  # step 0 holds the validation before training
+    assert trained and all(r.get("mtp_1_loss", 0) > 0 for r in trained), "ds_train's metrics lack the MTP loss"
     for a, b in zip(ds, plain):
         assert set(a) == set(b)
         _assert_records_match(a, b)

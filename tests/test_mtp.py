@@ -163,9 +163,13 @@ def test_flags(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert needle in capsys.readouterr().err, argv
+    ds_args = ds_train.parse_args(["--deepspeed_config", str(REPO / "launch" / "ds_config.json"), "--mtp-depth", "1",
+                                   "--mtp-weight", "0.1"])
+    assert (ds_args.mtp_depth, ds_args.mtp_weight) == (1, 0.1)
     with pytest.raises(SystemExit):
-        ds_train.parse_args(["--deepspeed_config", str(REPO / "launch" / "ds_config.json"), "--mtp-depth", "1"])
-    assert "argument --mtp-depth: multi-token prediction runs under launch/train.py" in capsys.readouterr().err
+        ds_train.parse_args(["--deepspeed_config", str(REPO / "launch" / "ds_config.json"), "--mtp-depth", "1",
+                             "--hf-model", "x"])
+    assert "argument --mtp-depth" in capsys.readouterr().err
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

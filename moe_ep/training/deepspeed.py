@@ -36,6 +36,7 @@ from .cli import seq_len
 from .config import TrainConfig
 from .driver import RunResult, Trainer, run
 from .model_source import build_model, default_seq_len, run_record
+from .mtp import DEFAULT_MTP_WEIGHT
 from .optim import decay_groups, lr_at, set_lr
 from .runs import announce, describe, finish, rank_device, report, sampler_for, seed_training_noise
 from .step import StepResult, forward_backward, language_model_loss, split_micro_batches
@@ -115,11 +116,12 @@ def grad_clip_plan(ds_config: dict) -> tuple[dict, Optional[float]]:
 
 
 def deepspeed_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, parallel: ParallelState,
-                   manual_clip: Optional[float]) -> StepResult:
+                   manual_clip: Optional[float], mtp_weight: float = DEFAULT_MTP_WEIGHT) -> StepResult:
     """One optimizer step through the engine, as the plain trainer's (``moe_ep.training.plain``).
 
     ``batch`` is split into the engine's ``gradient_accumulation_steps``
-    micro-batches; each: ``loss = CE + aux`` -> ``engine.backward`` (which
+    micro-batches; each: ``loss = CE [+ L_MTP] + aux`` (``mtp_weight``: lambda of
+    a model with MTP modules) -> ``engine.backward`` (which
     divides by their number; the gradient reduction happens at the last),
     ``engine.step()`` between micro-batches (no update there). Then clipping
     (``manual_clip`` from ``grad_clip_plan``, else DeepSpeed's) ->
@@ -137,7 +139,7 @@ def deepspeed_step(engine, model: nn.Module, batch: torch.Tensor, lr: float, par
         if not last:
             engine.step()  # counts the micro-step; the update happens at the boundary
 
-    result = forward_backward(model, micro_batches, language_model_loss(engine, model), backward)
+    result = forward_backward(model, micro_batches, language_model_loss(engine, model, mtp_weight), backward)
     norm = None
     if engine.zero_optimization_stage() == 0:
         norm = clip_gradients(model, parallel, manual_clip)  # measures only when manual_clip is None
@@ -162,13 +164,15 @@ class DeepSpeedTrainer(Trainer):
     every checkpoint besides the data position (the launcher's run record);
     ``restored``: a moe_ep checkpoint the model was initialised from
     (``--init-from``), whose step the run starts at and whose AdamW moments
-    are installed when the engine runs torch's AdamW (ZeRO 0).
+    are installed when the engine runs torch's AdamW (ZeRO 0). ``mtp_weight``:
+    lambda of the MTP loss of a model with MTP modules (``--mtp-weight``).
     """
 
     def __init__(self, engine, model: nn.Module, parallel: ParallelState, cfg: TrainConfig,
-                 manual_clip: Optional[float], client_state: dict, restored: Optional[RestoredState] = None):
+                 manual_clip: Optional[float], client_state: dict, restored: Optional[RestoredState] = None,
+                 mtp_weight: float = DEFAULT_MTP_WEIGHT):
         self.engine, self.model, self.parallel, self.cfg = engine, model, parallel, cfg
-        self.manual_clip, self.client_state = manual_clip, client_state
+        self.manual_clip, self.client_state, self.mtp_weight = manual_clip, client_state, mtp_weight
         self.precision = "fp32"  # the engine holds the weights in its precision; validation runs as they are
         if restored is not None:
             self.start_step = restored.step
@@ -177,7 +181,7 @@ class DeepSpeedTrainer(Trainer):
 
     def train_step(self, batch_BS: torch.Tensor, step: int) -> StepResult:
         return deepspeed_step(self.engine, self.model, batch_BS, lr_at(step, self.cfg), self.parallel,
-                              self.manual_clip)
+                              self.manual_clip, self.mtp_weight)
 
     def save(self, out_dir: Path, step: int, sampler: BatchSampler) -> Path:
         folder = Path(out_dir) / CKPT_DIR
@@ -262,7 +266,8 @@ def deepspeed_run(args: argparse.Namespace) -> RunResult:
     engine, _, _, _ = deepspeed.initialize(model=model, config=engine_config,
                                            model_parameters=optimizer_param_groups(model, cfg.weight_decay))
     undo_initial_optimizer_step(engine)  # bf16 at ZeRO 0: DeepSpeed's wrapper took an AdamW step at construction
-    trainer = DeepSpeedTrainer(engine, model, parallel, cfg, manual_clip, dict(model_config=source.info), restored)
+    trainer = DeepSpeedTrainer(engine, model, parallel, cfg, manual_clip, dict(model_config=source.info), restored,
+                               args.mtp_weight)
     if restored is not None and not isinstance(engine.optimizer, torch.optim.AdamW) and parallel.is_rank0:
         print(f"{prefix} --init-from: {type(engine.optimizer).__name__} keeps AdamW state in its own partitions; "
               f"the moments restart from zero (weights, step and data position are restored)", flush=True)
