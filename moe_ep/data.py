@@ -64,11 +64,14 @@ class Corpus:
         return digest.hexdigest()[:16]
 
 
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """(root, sorted ``*.py`` files of the standard library outside site-packages)."""
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, tuple[Path, ...]]:
+    """(root, sorted ``*.py`` files of the standard library outside site-packages), listed once per process:
+    the walk over the standard library takes most of a second, and every run, sampler or test that loads the
+    default corpus would repeat it."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts and p.is_file()]
-    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return root, tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
 def user_files(path: Path) -> tuple[Path, list[Path]]:

@@ -36,7 +36,6 @@ from ..model_moe import moe_layers
 from ..parallel.state import ParallelState
 from .config import TrainConfig
 from .metrics import IntervalMeter, MetricsLog, ProgressBar
-from .plots import plot_run
 from .step import StepResult, next_token_loss, precision_autocast
 from .tensorboard import TensorBoardLog
 
@@ -148,5 +147,7 @@ def run(trainer: Trainer, sampler: BatchSampler, parallel: ParallelState, cfg: T
     bar.close()
     board.close()
     if is_rank0:
+        from .plots import plot_run  # matplotlib (0.6 s to import) only where the plots are drawn
+
         plot_run(out_dir)
     return result
