@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
-# DeepSpeed builds a small C++ op on first use: keep the build inside this venv, so checkouts sharing
+# DeepSpeed uses a small C++ op (setup_venv.sh builds it): keep it inside this venv, so checkouts sharing
 # ~/.cache never wait on each other's (or a killed build's) lock.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 exec .venv/bin/python -m pytest tests "$@"

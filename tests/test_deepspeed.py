@@ -15,7 +15,8 @@
 
 Every distributed run has a hard timeout (``run_on_ranks`` / subprocess
 timeouts) so a hang fails fast. The first DeepSpeed start on a machine
-builds a small shared-memory op (about 30 s); later starts reuse it.
+builds a small shared-memory op (about 50 s) unless launch/setup_venv.sh built it at install; later starts
+reuse it.
 """
 import importlib.util
 import json
