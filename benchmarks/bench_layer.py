@@ -34,7 +34,7 @@ import torch
 
 from bench_measure import (forward_backward, forward_only, interleaved_samples, machine_description, over_ranks,
                            peak_memory_mb, pin_mmap_threshold)
-from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, build_moe_ep, rank_device,
+from layer_impls import (CAPACITY, CONFIGS, IMPLS, LayerSpec, ReferenceWeights, rank_device,
                          rank_context, rank_input)
 from moe_ep.parallel.spawn import run_on_ranks
 
