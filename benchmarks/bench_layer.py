@@ -175,7 +175,7 @@ def print_tables(records: list[dict], machine: dict) -> None:
     groups = {}
     for r in records:
         groups.setdefault((r["ep"], r["dtype"]), []).append(r)
-    header = (f"{'config':<36}{'impl':<13}{'fwd ms':>8}{'fwd+bwd ms':>11}{'tokens/s':>9}{'fwd/bound':>10}"
+    header = (f"{'config':<36}{'impl':<19}{'fwd ms':>8}{'fwd+bwd ms':>11}{'tokens/s':>9}{'fwd/bound':>10}"
               f"{'step/bound':>11}{'cpu fwd/b':>10}{'cpu step/b':>11}{'peak MiB':>9}{'dropped':>8}")
     for (ep, dtype), rows in groups.items():
         r0, loads = rows[0], [r["load_avg_1m"] for r in rows]
@@ -185,7 +185,7 @@ def print_tables(records: list[dict], machine: dict) -> None:
         print(header)
         for r in rows:
             dropped = None if r["dropped_frac"] is None else 100 * r["dropped_frac"]
-            print(f"{r['label']:<36}{r['impl']:<13}{r['fwd_ms']:>8.1f}{r['step_ms']:>11.1f}{r['tokens_per_s']:>9.0f}"
+            print(f"{r['label']:<36}{r['impl']:<19}{r['fwd_ms']:>8.1f}{r['step_ms']:>11.1f}{r['tokens_per_s']:>9.0f}"
                   f"{_fmt(r['fwd_bound_ratio'], '.2f'):>10}{_fmt(r['bound_ratio'], '.2f'):>11}"
                   f"{_fmt(r['fwd_cpu_bound_ratio'], '.2f'):>10}{_fmt(r['cpu_bound_ratio'], '.2f'):>11}"
                   f"{r['peak_mem_mb']:>9.0f}{_fmt(dropped, '.1f'):>7}%")

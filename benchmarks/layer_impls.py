@@ -9,6 +9,10 @@
 * ``dense_bound``: one dense FFN of the expert width over the T*K rows a layer
   would compute (plus the shared FFN over T rows): the same GEMMs with no
   routing, the compute bound of the layer.
+* ``expert_gemm_bound``: the same T*K rows split evenly over the rank's E/ep
+  experts, one FFN (one GEMM per product) per expert, no routing: what any
+  implementation running one GEMM per expert pays before routing, gathering
+  and combining (at small batches per expert it lies above ``dense_bound``).
 
 Every layer is a GELU MoE without biases of ``spec`` (hidden H, expert width I,
 E experts, top-K, N_s shared experts fused into one FFN of width N_s * I),
@@ -77,6 +81,8 @@ CAPACITY = {
                 "(no expert parallelism, no communication)",
     "dense_bound": "no routing and no dropping: a dense GELU FFN of width I over T*K rows (+ the shared FFN "
                    "over T rows), no communication",
+    "expert_gemm_bound": "no routing and no dropping: the T*K rows split evenly over the rank's E/ep experts, one "
+                         "GELU FFN of width I per expert (+ the shared FFN over T rows), no communication",
 }
 
 
@@ -191,6 +197,27 @@ class DenseBound(nn.Module):
         return self.ffn(x_rows), self.shared(x_TH)
 
 
+class ExpertGemmBound(nn.Module):
+    """``experts[e](x_e)`` for consecutive, near-equal shares ``x_e`` of ``x_rows`` (one output per expert),
+    and ``shared(x_TH)`` when the layer has shared experts."""
+
+    def __init__(self, experts: nn.ModuleList, shared: Optional[nn.Module]):
+        super().__init__()
+        self.experts = experts
+        self.shared = shared
+
+    @staticmethod
+    def shares(rows: int, n_experts: int) -> list[int]:
+        """``rows`` split into ``n_experts`` counts that differ by at most one."""
+        base, extra = divmod(rows, n_experts)
+        return [base + (e < extra) for e in range(n_experts)]
+
+    def forward(self, x_rows: torch.Tensor, x_TH: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        shares = x_rows.split(self.shares(x_rows.shape[0], len(self.experts)))
+        outs = tuple(ffn(x_e) for ffn, x_e in zip(self.experts, shares))
+        return outs if self.shared is None else outs + (self.shared(x_TH),)
+
+
 # ------------------------------------------------------------------ weights
 @torch.no_grad()
 def _load_ffn(ffn: nn.Sequential, w_in_HI: torch.Tensor, w_out_IH: torch.Tensor) -> nn.Sequential:
@@ -297,12 +324,24 @@ def build_dense_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankConte
     return _finish(DenseBound(ffn, _shared_ffn(spec, weights)), inputs, rows, ctx, lambda m, inputs: None)
 
 
+def build_expert_gemm_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext,
+                            x_TH: torch.Tensor) -> BuiltImpl:
+    first, last = ctx.parallel.expert_range(spec.n_experts)
+    experts = nn.ModuleList(_load_ffn(gelu_ffn(spec.hidden, spec.ffn), weights.w_in_EHI[e], weights.w_out_EIH[e])
+                            for e in range(first, last))
+    x_rows = x_TH.repeat_interleave(spec.top_k, dim=0)
+    rows = tuple(ExpertGemmBound.shares(x_rows.shape[0], len(experts)))
+    inputs, rows = ((x_rows, x_TH), rows + (x_TH.shape[0],)) if spec.n_shared else ((x_rows,), rows)
+    return _finish(ExpertGemmBound(experts, _shared_ffn(spec, weights)), inputs, rows, ctx, lambda m, inputs: None)
+
+
 IMPLS: dict[str, Callable[[LayerSpec, ReferenceWeights, RankContext, torch.Tensor], BuiltImpl]] = {
     "moe_ep": build_moe_ep,
     "moe_ep_recompute": partial(build_moe_ep, recompute_experts=True),
     "deepspeed": build_deepspeed,
     "textbook": build_textbook,
     "dense_bound": build_dense_bound,
+    "expert_gemm_bound": build_expert_gemm_bound,
 }
 
 

@@ -21,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 BOUND = "dense_bound"
-COLORS = {"moe_ep": "tab:blue", "moe_ep_recompute": "tab:cyan", "deepspeed": "tab:orange", "textbook": "tab:green", BOUND: "0.6"}
+COLORS = {"moe_ep": "tab:blue", "moe_ep_recompute": "tab:cyan", "deepspeed": "tab:orange", "textbook": "tab:green",
+          "expert_gemm_bound": "0.35", BOUND: "0.6"}
 
 
 def _panels(records: list[dict]) -> tuple[list[str], list[int]]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("deepspeed", reason="the layer benchmark compares against DeepSpeed's MoE")
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-IMPLS = ("moe_ep", "moe_ep_recompute", "deepspeed", "textbook", "dense_bound")
+IMPLS = ("moe_ep", "moe_ep_recompute", "deepspeed", "textbook", "dense_bound", "expert_gemm_bound")
 # DeepSpeed on CPU JIT-builds a shared-memory op into TORCH_EXTENSIONS_DIR when it initialises. The default,
 # ~/.cache/torch_extensions, is shared by every venv of the machine, and a venv at another path rebuilds it
 # (minutes under load); one folder per venv builds it once.
@@ -52,6 +52,24 @@ def test_textbook_moe_matches_per_token_reference():
     assert dropped > 0  # the capacity (6 of about 12 pairs per expert) binds
     torch.testing.assert_close(moe(x_TH), expected, rtol=1e-12, atol=1e-12)
     assert moe.dropped_fraction(x_TH) == dropped / (24 * 2)
+
+
+def test_expert_gemm_bound_runs_each_local_expert_on_an_even_share():
+    from layer_impls import LayerSpec, ReferenceWeights, build_expert_gemm_bound, rank_context, rank_input
+
+    spec = LayerSpec(n_experts=4, top_k=3, ffn=8, n_shared=1, hidden=16, tokens=5)  # 15 rows over 4 experts
+    weights, x_TH = ReferenceWeights.random(spec, seed=1), rank_input(spec, 0)
+    built = build_expert_gemm_bound(spec, weights, rank_context(0, 1, torch.device("cpu"), torch.float64), x_TH)
+    outs = built.forward()
+    x_rows = x_TH.double().repeat_interleave(3, dim=0)
+    starts = [0, 4, 8, 12, 15]  # shares 4, 4, 4, 3
+    for e in range(4):
+        x_e = x_rows[starts[e]:starts[e + 1]]
+        expected = F.gelu(x_e @ weights.w_in_EHI[e].double()) @ weights.w_out_EIH[e].double()
+        torch.testing.assert_close(outs[e], expected)
+    shared = F.gelu(x_TH.double() @ weights.shared_up_WH.double().t()) @ weights.shared_down_HW.double().t()
+    torch.testing.assert_close(outs[4], shared)
+    assert [g.shape[0] for g in built.grad_outputs] == [4, 4, 4, 3, 5]
 
 
 def _compare_with_deepspeed(rank: int, world: int) -> dict:
@@ -120,6 +138,8 @@ def test_tiny_run_writes_complete_records(tmp_path):
         assert r["step_ms"] == pytest.approx(sum(r["step_samples_ms"]) / 2)  # the median of two
         if r["impl"] == "dense_bound":
             assert r["bound_ratio"] == 1.0 and r["dropped_frac"] is None
+        elif r["impl"] == "expert_gemm_bound":
+            assert r["dropped_frac"] is None
         else:
             assert 0.0 <= r["dropped_frac"] < 1.0 and r["capacity"], r
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["bench_layer_cpu_memory.png", "bench_layer_cpu_time.png"]
