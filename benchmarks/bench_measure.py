@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from layer_impls import BuiltImpl
+from moe_ep import half_matmul
 
 
 # ------------------------------------------------------------------- steps
@@ -215,7 +216,10 @@ def bf16_support(device: torch.device) -> str:
     if "avx512_bf16" in flags:
         return ("CPU has no bf16 matrix units (no AMX); bf16 matmuls use AVX512-BF16 vector dot "
                 "products (vdpbf16ps)")
-    return "CPU has no native bf16 arithmetic: bf16 is converted to fp32 for compute"
+    if half_matmul.upcast(torch.ones(1, dtype=torch.bfloat16)):
+        return ("CPU has no bf16 path in oneDNN: torch's bf16 matmul is a scalar fallback (nn.Linear layers: "
+                "DeepSpeed, textbook, bounds); moe_ep's experts multiply bf16 in fp32 (moe_ep.half_matmul)")
+    return "CPU has no native bf16 arithmetic: oneDNN converts bf16 to fp32 for compute"
 
 
 def machine_description(device: torch.device) -> dict:

@@ -57,7 +57,7 @@ from typing import Callable, Optional
 import torch
 from torch.torch_version import TorchVersion
 
-from . import host_memory
+from . import half_matmul, host_memory
 from .activations import activate, activation_grad, scaled_activation
 from .kernels.gathered_gemm import gathered_grouped_gemm, gathered_up_projection
 from .kernels.grouped_mm import DTYPES as KERNEL_DTYPES
@@ -243,21 +243,22 @@ def _expert_blocks(sizes: list[int], width: int) -> list[tuple[int, int, int, in
 
 
 def _mm_per_expert(x_RK: torch.Tensor, w_EKN: torch.Tensor, sizes: list[int], out_RN: torch.Tensor) -> torch.Tensor:
-    """``out[r] = x[r] @ w[e(r)]``, one ``torch.mm`` per expert into ``out``."""
+    """``out[r] = x[r] @ w[e(r)]``, one product per expert into ``out`` (``half_matmul``: float32 for half
+    dtypes on a CPU without a half matmul)."""
     for w_KN, x_e, out_e in zip(w_EKN.unbind(0), x_RK.split(sizes), out_RN.split(sizes)):
-        torch.mm(x_e, w_KN, out=out_e)
+        half_matmul.mm_into(x_e, w_KN, out_e)
     return out_RN
 
 
 def _wgrad_per_expert(x_RK: torch.Tensor, dy_RN: torch.Tensor, sizes: list[int], out_EKN: torch.Tensor,
                       accumulate: bool = False) -> None:
     """``out[e] = x_e^T @ dy_e`` (zeros for an expert without rows), or ``out[e] += x_e^T @ dy_e`` when
-    ``accumulate`` (in place, no temporary), one GEMM per expert."""
+    ``accumulate`` (in place), one GEMM per expert (``half_matmul``, as ``_mm_per_expert``)."""
     for out_KN, x_e, dy_e in zip(out_EKN.unbind(0), x_RK.split(sizes), dy_RN.split(sizes)):
         if accumulate:
-            out_KN.addmm_(x_e.t(), dy_e)
+            half_matmul.addmm_(out_KN, x_e.t(), dy_e)
         else:
-            torch.mm(x_e.t(), dy_e, out=out_KN)
+            half_matmul.mm_into(x_e.t(), dy_e, out_KN)
 
 
 class LoopOps(_GatherThenUp, _GroupedPasses):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import half_matmul
 from .activations import activate
 from .config import MoEConfig
 from .expert_ffn import SharedWeightGrads, expert_ffn
@@ -96,9 +97,10 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Linear(W, H, bias=False)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The FFN in x's dtype (the weights are cast to it, as the routed experts' are)."""
+        """The FFN in x's dtype (the weights are cast to it, as the routed experts' are; ``half_matmul``: the
+        products in float32 for half dtypes on a CPU without a half matmul)."""
         def proj(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-            return F.linear(h, linear.weight.to(h.dtype))
+            return half_matmul.linear(h, linear.weight.to(h.dtype))
 
         if self.gate_proj is not None:
             h = F.silu(proj(self.gate_proj, x_TH)) * proj(self.up_proj, x_TH)
