@@ -16,7 +16,8 @@ the plain torch calls.
 
     mm_into(a, b, out)   out = a @ b
     addmm_(out, a, b)    out += a @ b
-    linear(x, w)         x @ w^T, differentiable (the casts are in the graph)
+    linear(x, w)         x @ w^T as the caller's autocast computes it, differentiable
+    Linear               nn.Linear whose product is ``linear`` (same parameters and state dict)
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .precision import autocast_off, compute_dtype
 
 _ONEDNN_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
 
@@ -54,7 +58,20 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)`` (no bias) in ``x``'s dtype; autograd's backward products are float32 when upcast."""
-    if upcast(x):
-        return F.linear(x.float(), w.float()).to(x.dtype)
-    return F.linear(x, w)
+    """``F.linear(x, w)`` (no bias) in the dtype torch would compute it in: the autocast dtype of x's device when
+    autocast is on there, else x's. When that dtype is upcast here, the operands are rounded to it, multiplied
+    in float32 with autocast off, and the result rounded to it once; autograd's backward products are float32
+    and its gradients pass the same roundings, as autocast's would."""
+    dtype = compute_dtype(x)
+    if not (x.device.type == "cpu" and dtype in _ONEDNN_CHECKS and _cpu_lacks_half_matmul(dtype)):
+        return F.linear(x, w)
+    with autocast_off(x.device.type):
+        return F.linear(x.to(dtype).float(), w.to(dtype).float()).to(dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is ``linear`` (so fast on CPUs without a half matmul); same parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -82,3 +82,34 @@ def test_loop_backend_in_bf16_equals_its_float32_products_rounded(forced, monkey
     for got, want in ((y, y64), (x.grad, x64.grad), (w_in.grad, wi64.grad), (w_out.grad, wo64.grad)):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+
+
+def test_linear_under_autocast_computes_what_autocast_computes(forced):
+    """fp32 operands under CPU bf16 autocast: bf16 result and fp32 gradients, as ``F.linear`` under autocast."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, generator=gen).requires_grad_()
+    w = torch.randn(12, 8, generator=gen).requires_grad_()
+    dy = torch.randn(16, 12, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = half_matmul.linear(x, w)
+        want = F.linear(x, w)
+    assert got.dtype == want.dtype == torch.bfloat16
+    if forced:  # operands rounded to bf16, one float32 product, one rounding
+        exact = (x.detach().bfloat16().float() @ w.detach().bfloat16().float().t()).bfloat16()
+        torch.testing.assert_close(got, exact, rtol=0, atol=0)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    (gx, gw), (wx, ww) = (torch.autograd.grad(y, (x, w), dy.bfloat16()) for y in (got, want))
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gx, wx, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gw, ww, rtol=1e-2, atol=1e-2)
+
+
+def test_linear_module_is_an_nn_linear_with_its_state_dict(forced):
+    plain = torch.nn.Linear(8, 5)
+    ours = half_matmul.Linear(8, 5)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), plain(x))  # float32: the plain product
+    xb = x.bfloat16()
+    torch.testing.assert_close(ours.bfloat16()(xb).float(), plain.bfloat16()(xb).float(), rtol=2e-2, atol=2e-2)

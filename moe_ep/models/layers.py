@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..half_matmul import Linear
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in fp32."""
@@ -62,8 +64,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = hidden_size // n_heads
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.qkv_proj = Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = Linear(hidden_size, hidden_size, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
     def forward(self, x_BSH: torch.Tensor,
@@ -86,9 +88,9 @@ class DenseFFN(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..half_matmul import Linear
 from .layers import RMSNorm
 
 
@@ -40,7 +41,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(hidden_size, norm_eps)
         self.hnorm = RMSNorm(hidden_size, norm_eps)
-        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.eh_proj = Linear(2 * hidden_size, hidden_size, bias=False)
         self.block = block
         self.head_norm = RMSNorm(hidden_size, norm_eps)
 

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..activation_checkpointing import checkpoint_block
+from ..half_matmul import Linear, linear
 from ..layer import MoELayer
 from ..parallel.state import ParallelState
 from .config import ModelConfig
@@ -127,7 +127,7 @@ class MoETransformerLM(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(config, self.parallel, i < config.first_k_dense, f"layers.{i}")
                                      for i in self.stage.blocks})
         self.norm = RMSNorm(config.hidden_size, config.norm_eps) if last else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) \
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) \
             if last and not config.tie_embeddings else None
         mtp_dense = config.first_k_dense == config.n_layers  # as the model's last block
         self.mtp = nn.ModuleDict({
@@ -183,7 +183,7 @@ class MoETransformerLM(nn.Module):
         if not self.stage.last:
             return h_BSH
         normed_BSH = self.norm(h_BSH)
-        logits_BSV = F.linear(normed_BSH, self.head_weight())
+        logits_BSV = linear(normed_BSH, self.head_weight())
         extra = None if mtp_labels is None else tuple(self.mtp_logits(h_BSH, mtp_labels))
         if not (output_hidden_states or output_attentions or extra is not None):
             return logits_BSV
@@ -221,7 +221,7 @@ class MoETransformerLM(nn.Module):
 
     def logits(self, h_BSH: torch.Tensor) -> torch.Tensor:
         """The head over the final norm: logits ``[B, S, vocab]`` of the last block's output ``h``."""
-        return F.linear(self.norm(h_BSH), self.head_weight())
+        return linear(self.norm(h_BSH), self.head_weight())
 
     def mtp_logits(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor) -> list[torch.Tensor]:
         """Each MTP depth's logits ``[B, S-k, vocab]`` from the last block's output ``h`` and the next tokens
@@ -235,6 +235,6 @@ class MoETransformerLM(nn.Module):
             return (checkpoint_block(block, x_BSH, False) if checkpointed else block(x_BSH))[0]
 
         def head(x_BSH: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-            return F.linear(norm(x_BSH), self.head_weight())
+            return linear(norm(x_BSH), self.head_weight())
 
         return mtp_forward(self.mtp, self.embed, head, h_BSH, labels_BS, run_block)
