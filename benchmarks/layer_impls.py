@@ -10,9 +10,9 @@
   would compute (plus the shared FFN over T rows): the same GEMMs with no
   routing, the compute bound of the layer.
 * ``expert_gemm_bound``: the same T*K rows split evenly over the rank's E/ep
-  experts, one FFN (one GEMM per product) per expert, no routing: what any
-  implementation running one GEMM per expert pays before routing, gathering
-  and combining (at small batches per expert it lies above ``dense_bound``).
+  experts, one ``nn.Linear`` FFN (one GEMM per product) per expert, no
+  routing: what one GEMM per expert costs before routing, gathering and
+  combining (a reference, not a strict floor: docs/performance.md).
 
 Every layer is a GELU MoE without biases of ``spec`` (hidden H, expert width I,
 E experts, top-K, N_s shared experts fused into one FFN of width N_s * I),

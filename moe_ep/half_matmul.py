@@ -38,9 +38,13 @@ def _cpu_lacks_half_matmul(dtype: torch.dtype) -> bool:
     return check is None or not check()
 
 
+def _upcast_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    return device_type == "cpu" and dtype in _ONEDNN_CHECKS and _cpu_lacks_half_matmul(dtype)
+
+
 def upcast(t: torch.Tensor) -> bool:
     """True when products of ``t``'s dtype on its device are computed in float32 here (the module docstring)."""
-    return t.device.type == "cpu" and t.dtype in _ONEDNN_CHECKS and _cpu_lacks_half_matmul(t.dtype)
+    return _upcast_dtype(t.device.type, t.dtype)
 
 
 def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     in float32 with autocast off, and the result rounded to it once; autograd's backward products are float32
     and its gradients pass the same roundings, as autocast's would."""
     dtype = compute_dtype(x)
-    if not (x.device.type == "cpu" and dtype in _ONEDNN_CHECKS and _cpu_lacks_half_matmul(dtype)):
+    if not _upcast_dtype(x.device.type, dtype):
         return F.linear(x, w)
     with autocast_off(x.device.type):
         return F.linear(x.to(dtype).float(), w.to(dtype).float()).to(dtype)
