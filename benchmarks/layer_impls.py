@@ -183,38 +183,25 @@ class RoutedPlusShared(nn.Module):
         return y_TH if self.shared is None else y_TH + self.shared(x_TH)
 
 
-class DenseBound(nn.Module):
-    """``ffn(x_rows)`` over T*K rows, and ``shared(x_TH)`` when the layer has shared experts."""
+class FFNsOverShares(nn.Module):
+    """``ffns[i](x_i)`` for consecutive, near-equal shares ``x_i`` of ``x_rows`` (one output per FFN), and
+    ``shared(x_TH)`` when the layer has shared experts. One FFN: the dense bound; one per local expert: the
+    per-expert GEMM reference."""
 
-    def __init__(self, ffn: nn.Module, shared: Optional[nn.Module]):
+    def __init__(self, ffns: nn.ModuleList, shared: Optional[nn.Module]):
         super().__init__()
-        self.ffn = ffn
-        self.shared = shared
-
-    def forward(self, x_rows: torch.Tensor, x_TH: Optional[torch.Tensor] = None):
-        if self.shared is None:
-            return self.ffn(x_rows)
-        return self.ffn(x_rows), self.shared(x_TH)
-
-
-class ExpertGemmBound(nn.Module):
-    """``experts[e](x_e)`` for consecutive, near-equal shares ``x_e`` of ``x_rows`` (one output per expert),
-    and ``shared(x_TH)`` when the layer has shared experts."""
-
-    def __init__(self, experts: nn.ModuleList, shared: Optional[nn.Module]):
-        super().__init__()
-        self.experts = experts
+        self.ffns = ffns
         self.shared = shared
 
     @staticmethod
-    def shares(rows: int, n_experts: int) -> list[int]:
-        """``rows`` split into ``n_experts`` counts that differ by at most one."""
-        base, extra = divmod(rows, n_experts)
-        return [base + (e < extra) for e in range(n_experts)]
+    def shares(rows: int, n_ffns: int) -> list[int]:
+        """``rows`` split into ``n_ffns`` counts that differ by at most one."""
+        base, extra = divmod(rows, n_ffns)
+        return [base + (i < extra) for i in range(n_ffns)]
 
     def forward(self, x_rows: torch.Tensor, x_TH: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
-        shares = x_rows.split(self.shares(x_rows.shape[0], len(self.experts)))
-        outs = tuple(ffn(x_e) for ffn, x_e in zip(self.experts, shares))
+        shares = x_rows.split(self.shares(x_rows.shape[0], len(self.ffns)))
+        outs = tuple(ffn(x_i) for ffn, x_i in zip(self.ffns, shares))
         return outs if self.shared is None else outs + (self.shared(x_TH),)
 
 
@@ -315,24 +302,25 @@ def build_textbook(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext,
     return _finish(module, (x_TH,), (x_TH.shape[0],), ctx, lambda m, inputs: m.routed.dropped_fraction(inputs[0]))
 
 
+def _build_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext, x_TH: torch.Tensor,
+                 experts: range) -> BuiltImpl:
+    """The T*K rows through one GELU FFN per expert of ``experts`` (its weights), on near-equal shares."""
+    ffns = nn.ModuleList(_load_ffn(gelu_ffn(spec.hidden, spec.ffn), weights.w_in_EHI[e], weights.w_out_EIH[e])
+                         for e in experts)
+    x_rows = x_TH.repeat_interleave(spec.top_k, dim=0)
+    rows = tuple(FFNsOverShares.shares(x_rows.shape[0], len(ffns)))
+    inputs, rows = ((x_rows, x_TH), rows + (x_TH.shape[0],)) if spec.n_shared else ((x_rows,), rows)
+    return _finish(FFNsOverShares(ffns, _shared_ffn(spec, weights)), inputs, rows, ctx, lambda m, inputs: None)
+
+
 def build_dense_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext,
                       x_TH: torch.Tensor) -> BuiltImpl:
-    ffn = _load_ffn(gelu_ffn(spec.hidden, spec.ffn), weights.w_in_EHI[0], weights.w_out_EIH[0])
-    x_rows = x_TH.repeat_interleave(spec.top_k, dim=0)
-    inputs, rows = ((x_rows, x_TH), (x_rows.shape[0], x_TH.shape[0])) if spec.n_shared else ((x_rows,),
-                                                                                              (x_rows.shape[0],))
-    return _finish(DenseBound(ffn, _shared_ffn(spec, weights)), inputs, rows, ctx, lambda m, inputs: None)
+    return _build_bound(spec, weights, ctx, x_TH, range(1))  # one FFN over all rows, expert 0's weights
 
 
 def build_expert_gemm_bound(spec: LayerSpec, weights: ReferenceWeights, ctx: RankContext,
                             x_TH: torch.Tensor) -> BuiltImpl:
-    first, last = ctx.parallel.expert_range(spec.n_experts)
-    experts = nn.ModuleList(_load_ffn(gelu_ffn(spec.hidden, spec.ffn), weights.w_in_EHI[e], weights.w_out_EIH[e])
-                            for e in range(first, last))
-    x_rows = x_TH.repeat_interleave(spec.top_k, dim=0)
-    rows = tuple(ExpertGemmBound.shares(x_rows.shape[0], len(experts)))
-    inputs, rows = ((x_rows, x_TH), rows + (x_TH.shape[0],)) if spec.n_shared else ((x_rows,), rows)
-    return _finish(ExpertGemmBound(experts, _shared_ffn(spec, weights)), inputs, rows, ctx, lambda m, inputs: None)
+    return _build_bound(spec, weights, ctx, x_TH, range(*ctx.parallel.expert_range(spec.n_experts)))
 
 
 IMPLS: dict[str, Callable[[LayerSpec, ReferenceWeights, RankContext, torch.Tensor], BuiltImpl]] = {
